@@ -1,0 +1,109 @@
+"""Process groups: the torch.distributed world and megatron-core's parallel_state layout on top of it."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from launcher.recipe import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the launcher (deepspeed, torchrun, srun or none) told this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_environ(cls) -> Env:
+        e = os.environ
+        world = int(e.get("WORLD_SIZE", "1"))
+        return cls(
+            rank=int(e.get("RANK", "0")),
+            world_size=world,
+            local_rank=int(e.get("LOCAL_RANK", "0")),
+            local_world_size=int(e.get("LOCAL_WORLD_SIZE", e.get("LOCAL_SIZE", str(world)))),
+        )
+
+
+def init_world(device: str, env: Env, timeout_min: int = 10) -> None:
+    """Create the default process group (gloo on CPU, NCCL on GPU); a single process gets one too."""
+    if dist.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set: start multi-process runs through a launcher")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group(
+        backend="nccl" if device == "cuda" else "gloo",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_min),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(p: ParallelConfig, seed: int) -> None:
+    """Build megatron's TP/PP/DP/EP groups for this layout and seed its RNG streams."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=1,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Drop megatron's layout so a new one can be built in the same processes (rebalance)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+
+
+def ranks() -> dict[str, int]:
+    """This process's coordinates in the current layout, for logging and checkpoint naming."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_rank(),
+        "pp": ps.get_pipeline_model_parallel_rank(),
+        "dp": ps.get_data_parallel_rank(),
+        "ep": ps.get_expert_model_parallel_rank(),
+    }
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and the world, so a test process can start another run."""
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()

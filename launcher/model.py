@@ -1,0 +1,172 @@
+"""megatron-core GPTModel with MoE layers, built from the recipe for the current parallel layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from launcher.recipe import Derived, Recipe
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Pad the vocabulary so every TP rank holds an equal slice; independent of TP when tp | divisible_by."""
+    multiple = divisible_by * tp // math.gcd(divisible_by, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
+def use_transformer_engine(device: str) -> bool:
+    """The TE layer spec and grouped GEMM are GPU fast paths, used when TE is installed."""
+    if device != "cuda":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(recipe: Recipe, derived: Derived):
+    """The megatron-core TransformerConfig for this recipe and layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = recipe.model, recipe.parallel
+    bf16 = derived.precision == "bf16"
+    te = use_transformer_engine(derived.device)
+    moe = {}
+    if m.is_moe:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_z_loss_coeff=m.moe_z_loss_coeff,
+            moe_router_pre_softmax=m.moe_router_pre_softmax,
+            moe_token_dispatcher_type=m.moe_token_dispatcher,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_hidden_size,
+            moe_layer_freq=[0] * m.first_k_dense + [1] * (m.num_layers - m.first_k_dense),
+            moe_grouped_gemm=te,
+            moe_permute_fusion=False,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        qk_layernorm=m.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,
+        sequence_parallel=bool(p.sequence_parallel),
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=1,
+        # Interleaved PP with batched p2p on one peer pair mixes activation and gradient tensors of
+        # equal shape (silently wrong grads); Megatron-LM turns it off for VPP too.
+        batch_p2p_comm=not (p.vpp and p.vpp > 1),
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=derived.device == "cpu",
+        perform_initialization=True,
+        bias_dropout_fusion=te,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=te,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **moe,
+    )
+
+
+def build_chunks(recipe: Recipe, derived: Derived, config, vocab_size: int) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (one chunk without VPP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    m = recipe.model
+    te = use_transformer_engine(derived.device)
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
+        )
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=m.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rotary_base),
+            vp_stage=vp_stage,
+        )
+        # Mark experts expert-parallel even at EP=1, so the optimizer (and its checkpoint) has the same
+        # structure in every layout and optimizer state reshards across EP=1 <-> EP>1.
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.allreduce = False
+        if derived.device == "cuda":
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def wrap_ddp(recipe: Recipe, config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """megatron-core DDP: grad buffers, DP (and expert-DP) reduction, distributed-optimizer sharding."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk may skip bucketing, as Megatron-LM does for VPP.
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def count_parameters(m) -> dict[str, int]:
+    """Total and active (per token) parameter counts of the full model, from its shape alone."""
+    h, L = m.hidden_size, m.num_layers
+    q = m.num_attention_heads * m.head_dim
+    kv = 2 * m.query_groups * m.head_dim
+    attn = h * (q + kv) + q * h + 2 * h  # qkv, proj, two norms
+    dense_mlp = 3 * h * m.ffn_hidden_size
+    expert = 3 * h * m.moe_ffn_hidden_size
+    shared = 3 * h * (m.moe_shared_expert_hidden_size or 0)
+    router = h * m.num_experts
+    n_moe = L - m.first_k_dense if m.is_moe else 0
+    n_dense = L - n_moe
+    vocab = m.vocab_size or 0
+    embed = vocab * h * (1 if m.tie_embeddings else 2)
+    total = L * attn + n_dense * dense_mlp + n_moe * (m.num_experts * expert + shared + router) + embed + h
+    active = (
+        L * attn + n_dense * dense_mlp + n_moe * (m.moe_router_topk * expert + shared + router) + embed + h
+    )
+    return {"total": total, "active": active, "embedding": embed}

@@ -1,0 +1,131 @@
+"""Entry point: recipe -> checks -> distributed init -> Trainer.fit().
+
+Launch with ``deepspeed``, ``torchrun``, ``srun`` or plain ``python`` (one process)::
+
+    python -m launcher.pretrain --recipe moe-tiny --set training.train_steps=50
+    deepspeed --num_gpus 8 launcher/pretrain.py --recipe moe-7b-a1b
+
+Every check that can fail on user input runs before any process-group work and fails with one line and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file by a launcher: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from launcher import layout
+from launcher.errors import RampError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="ramp-train", description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the derived plan, then exit")
+    # The DeepSpeed launcher appends --local_rank=N; torch's launchers set LOCAL_RANK instead.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def plan(args: argparse.Namespace):
+    """Everything decided before processes talk to each other: recipe, derived sizes, schedule, muP."""
+    from launcher import checkpoint, recipe
+    from launcher.laws.schedule import resolve_schedule
+
+    r = recipe.load(args.recipe, args.set)
+    env = layout.Env.from_environ()
+    d = r.derive(env.world_size, cuda_available=torch.cuda.is_available())
+    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+    if r.checkpoint.load is not None:
+        checkpoint.resolve(r.checkpoint.load, r.checkpoint_dir)
+    return r, d, env, schedule
+
+
+def _set_threads(recipe, env: layout.Env) -> None:
+    if recipe.training.threads:
+        n = recipe.training.threads
+    else:
+        n = max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1))
+    torch.set_num_threads(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        r, d, env, schedule = plan(args)
+    except RampError as e:
+        print(f"ramp: error: {e}", file=sys.stderr)
+        return 2
+    if env.rank == 0:
+        print(f"ramp: {r.name}: " + " ".join(d.lines()), flush=True)
+        print(f"ramp: lr schedule: {schedule.describe()}", flush=True)
+    if args.dry_run:
+        return 0
+
+    import patches
+
+    applied = patches.apply_all(cpu=d.device == "cpu")
+    _set_threads(r, env)
+    layout.init_world(d.device, env)
+    if env.rank == 0:
+        print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
+    try:
+        trainer = build_trainer(r, d, schedule)
+        if r.checkpoint.load is not None:
+            path = trainer.load_checkpoint(r.checkpoint.load)
+            if env.rank == 0:
+                print(f"ramp: resumed from {path} at step {trainer.state.step}", flush=True)
+        trainer.fit()
+    except RampError as e:
+        print(f"ramp: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        layout.shutdown()
+    if env.rank == 0:
+        print(
+            f"ramp: done; metrics in {r.run_dir / 'metrics.jsonl'}, plots in {r.run_dir / 'plots'}",
+            flush=True,
+        )
+    return 0
+
+
+def build_trainer(r, d, schedule, extra_callbacks=()):
+    """The trainer with ramp's standard callbacks, in the order they must run."""
+    from launcher.callbacks.checkpointing import Checkpointing
+    from launcher.callbacks.lr_schedule import LRSchedule
+    from launcher.callbacks.metrics import Metrics
+    from launcher.callbacks.plotting import Plots
+    from launcher.trainer import Trainer
+
+    run_dir = r.run_dir
+    if torch.distributed.get_rank() == 0:
+        r.dump(run_dir / "config.yaml")
+    callbacks = [
+        LRSchedule(schedule),
+        *extra_callbacks,
+        Metrics(
+            run_dir,
+            r.training.log_interval,
+            d.train_steps,
+            r.logging.tensorboard,
+            r.logging.wandb,
+            r.name,
+            r.to_dict(),
+        ),
+        Checkpointing(r.checkpoint.interval, r.checkpoint.save_at_exit),
+    ]
+    if r.logging.plots:
+        callbacks.append(Plots(run_dir))
+    return Trainer(r, d, callbacks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,600 @@
+"""The recipe: one typed tree that is the single source of truth for every knob of a run.
+
+A recipe YAML maps onto :class:`Recipe`. Every section is a dataclass validated in ``__post_init__``;
+unknown keys are refused with the nearest valid name, and ``--set a.b=c`` overrides any leaf.
+Quantities that depend on the world size (DP size, micro-batches, steps) are derived once by
+:meth:`Recipe.derive` and printed at start, before any process-group work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import RampError, require
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _positive(section: str, **values: float | int | None) -> None:
+    for name, v in values.items():
+        if v is not None:
+            require(v > 0, f"{section}.{name}={v}: must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """GPT decoder with MoE feed-forward layers (megatron-core GPTModel)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = multi-head attention
+    kv_channels: int | None = None  # head dim; None = hidden_size / heads
+    ffn_hidden_size: int = 512  # dense MLP (first_k_dense layers)
+    num_experts: int = 8  # 0 = dense model
+    moe_ffn_hidden_size: int = 256
+    moe_router_topk: int = 2
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float | None = None
+    moe_shared_expert_hidden_size: int | None = None
+    moe_router_pre_softmax: bool = False  # False: top-k then softmax over the chosen experts
+    moe_token_dispatcher: str = "alltoall"
+    first_k_dense: int = 0  # the first k layers use a dense MLP
+    seq_length: int = 256
+    vocab_size: int | None = None  # None: taken from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    tie_embeddings: bool = True
+    rotary_base: float = 10000.0
+    qk_layernorm: bool = False
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(
+            "model",
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            seq_length=self.seq_length,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            vocab_size=self.vocab_size,
+            init_method_std=self.init_method_std,
+        )
+        require(self.num_experts >= 0, f"model.num_experts={self.num_experts}: must be >= 0 (0 = dense)")
+        if self.kv_channels is None:
+            require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels",
+            )
+        if self.num_query_groups is not None:
+            require(
+                self.num_attention_heads % self.num_query_groups == 0,
+                f"model.num_query_groups={self.num_query_groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}",
+            )
+        if self.num_experts:
+            require(
+                1 <= self.moe_router_topk <= self.num_experts,
+                f"model.moe_router_topk={self.moe_router_topk}: must be in 1..{self.num_experts}",
+            )
+            _positive("model", moe_ffn_hidden_size=self.moe_ffn_hidden_size)
+            require(
+                0 <= self.first_k_dense < self.num_layers,
+                f"model.first_k_dense={self.first_k_dense}: must be in 0..{self.num_layers - 1}",
+            )
+        choices = ("alltoall", "allgather")
+        require(
+            self.moe_token_dispatcher in choices,
+            f"model.moe_token_dispatcher={self.moe_token_dispatcher!r}: choose one of {', '.join(choices)}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; DP is what remains of the world size after TP x PP."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual stages per pipeline rank (interleaved schedule)
+    ep: int = 1
+    sequence_parallel: bool | None = None  # None: on whenever tp > 1 (required by MoE with TP)
+    distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("parallel", tp=self.tp, pp=self.pp, ep=self.ep, vpp=self.vpp)
+        if self.vpp is not None and self.vpp > 1:
+            require(self.pp > 1, f"parallel.vpp={self.vpp} needs parallel.pp > 1")
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tp > 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass
+class DecayConfig:
+    """The decay phase of a WSD schedule. Start and length may be given as run fraction, tokens or steps."""
+
+    shape: str = "1-sqrt"  # linear | cosine | 1-sqrt | exponential | points
+    start_frac: float | None = None
+    start_tokens: int | None = None
+    start_steps: int | None = None
+    length_frac: float | None = None  # None: decay runs to the end of training
+    length_tokens: int | None = None
+    length_steps: int | None = None
+    points: list[list[float]] | None = None  # [[fraction of decay, lr ratio], ...] for shape=points
+
+    def __post_init__(self) -> None:
+        shapes = ("linear", "cosine", "1-sqrt", "exponential", "points")
+        require(
+            self.shape in shapes, f"schedule.decay.shape={self.shape!r}: choose one of {', '.join(shapes)}"
+        )
+        for group in (
+            ("start_frac", "start_tokens", "start_steps"),
+            ("length_frac", "length_tokens", "length_steps"),
+        ):
+            given = [g for g in group if getattr(self, g) is not None]
+            require(len(given) <= 1, f"schedule.decay: give at most one of {', '.join(group)} (got {given})")
+        for name in ("start_frac", "length_frac"):
+            v = getattr(self, name)
+            if v is not None:
+                require(0.0 <= v <= 1.0, f"schedule.decay.{name}={v}: must be in [0, 1]")
+        if self.shape == "points":
+            require(
+                bool(self.points),
+                "schedule.decay.shape=points needs schedule.decay.points: [[frac, ratio], ...]",
+            )
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, defined in tokens so batch-size changes leave it intact."""
+
+    style: str = "wsd"  # wsd | cosine | linear | constant
+    warmup_frac: float | None = None
+    warmup_tokens: int | None = None
+    warmup_steps: int | None = None
+    init_lr_ratio: float = 0.0  # warmup starts at lr * init_lr_ratio
+    min_lr_ratio: float = 0.1  # lr at the end of decay, as a fraction of the peak
+    decay: DecayConfig = field(default_factory=DecayConfig)
+
+    def __post_init__(self) -> None:
+        styles = ("wsd", "cosine", "linear", "constant")
+        require(self.style in styles, f"schedule.style={self.style!r}: choose one of {', '.join(styles)}")
+        given = [g for g in ("warmup_frac", "warmup_tokens", "warmup_steps") if getattr(self, g) is not None]
+        require(
+            len(given) <= 1,
+            f"schedule: give at most one of warmup_frac, warmup_tokens, warmup_steps ({given})",
+        )
+        if self.warmup_frac is not None:
+            require(
+                0.0 <= self.warmup_frac < 1.0, f"schedule.warmup_frac={self.warmup_frac}: must be in [0, 1)"
+            )
+        require(
+            0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]"
+        )
+        require(
+            0.0 <= self.init_lr_ratio <= 1.0,
+            f"schedule.init_lr_ratio={self.init_lr_ratio}: must be in [0, 1]",
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's optimizer (distributed or not)."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per-module overrides, e.g. {router: 0.5}
+
+    def __post_init__(self) -> None:
+        _positive("optimizer", lr=self.lr, adam_eps=self.adam_eps)
+        require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay}: must be >= 0")
+        require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad}: must be >= 0 (0 disables)")
+        for b in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, b)
+            require(0.0 <= v < 1.0, f"optimizer.{b}={v}: must be in [0, 1)")
+        for k, v in self.lr_mult.items():
+            require(
+                isinstance(v, (int, float)) and v > 0,
+                f"optimizer.lr_mult.{k}={v!r}: multipliers must be positive numbers",
+            )
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, evaluation cadence, numerics."""
+
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    train_tokens: int | None = None
+    train_steps: int | None = None
+    seed: int = 1234
+    eval_interval: int = 50  # steps; 0 disables periodic evaluation
+    eval_samples: int = 128  # size of the fixed validation set, in sequences
+    log_interval: int = 10
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch threads per process on CPU; None: cores / local processes
+
+    def __post_init__(self) -> None:
+        _positive(
+            "training",
+            micro_batch_size=self.micro_batch_size,
+            global_batch_size=self.global_batch_size,
+            train_tokens=self.train_tokens,
+            train_steps=self.train_steps,
+            log_interval=self.log_interval,
+            threads=self.threads,
+        )
+        require(
+            (self.train_tokens is None) != (self.train_steps is None),
+            "training: give exactly one of training.train_tokens or training.train_steps",
+        )
+        require(self.eval_interval >= 0, f"training.eval_interval={self.eval_interval}: must be >= 0")
+        require(self.eval_samples >= 0, f"training.eval_samples={self.eval_samples}: must be >= 0")
+        for name, choices in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
+            v = getattr(self, name)
+            require(v in choices, f"training.{name}={v!r}: choose one of {', '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets and the sentencepiece tokenizer that made them.
+
+    ``paths`` is a blend: a list of prefixes, or of [weight, prefix] pairs. The word ``embedded`` (the
+    default) means the corpus built from this Python's standard library, prepared once and cached.
+    """
+
+    paths: list[Any] = field(default_factory=lambda: ["embedded"])
+    tokenizer: str | None = None  # sentencepiece .model; None with the embedded corpus
+    split: str = "98,2,0"
+    cache_dir: str = ".cache/ramp"
+    embedded_vocab_size: int = 4096
+
+    def __post_init__(self) -> None:
+        require(bool(self.paths), "data.paths is empty: give dataset prefixes or 'embedded'")
+        parts = self.split.split(",")
+        require(
+            len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+            f"data.split={self.split!r}: give three comma-separated weights train,valid,test such as 98,2,0",
+        )
+        if self.paths != ["embedded"]:
+            require(
+                self.tokenizer is not None, "data.tokenizer: set the sentencepiece model that made data.paths"
+            )
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.paths == ["embedded"]
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron-core dist_checkpointing; ``load`` is 'latest', a step number, or a checkpoint path."""
+
+    dir: str | None = None  # None: RUN_DIR/checkpoints
+    interval: int = 0  # steps; 0 = only at the end
+    keep_last: int = 3
+    load: str | None = None
+    save_at_exit: bool = True
+    load_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")
+        require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last}: must be >= 1")
+        if self.load is not None:
+            self.load = str(self.load)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled; online only with credentials
+    project: str = "ramp"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        modes = ("offline", "online", "disabled")
+        require(self.mode in modes, f"logging.wandb.mode={self.mode!r}: choose one of {', '.join(modes)}")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # None: runs/<name>
+    tensorboard: bool = True
+    plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Derived:
+    """Quantities computed once from the recipe and the world size."""
+
+    world_size: int
+    dp: int
+    num_microbatches: int
+    tokens_per_step: int
+    train_steps: int
+    train_tokens: int
+    warmup_tokens: int
+    device: str
+    precision: str
+
+    def lines(self) -> list[str]:
+        return [f"{k}={v}" for k, v in dataclasses.asdict(self).items()]
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_steps=100))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir or f"runs/{self.name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def derive(self, world_size: int, cuda_available: bool = False) -> Derived:
+        """Check the layout against the world size and compute the derived quantities."""
+        m, p, t = self.model, self.parallel, self.training
+        require(
+            world_size % p.model_parallel_size == 0,
+            f"parallel: tp*pp={p.tp}*{p.pp}={p.model_parallel_size} does not divide the world size "
+            f"{world_size}; choose tp*pp among {_divisors(world_size)}",
+        )
+        dp = world_size // p.model_parallel_size
+        require(
+            m.num_attention_heads % p.tp == 0,
+            f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}; "
+            f"choose tp among {_divisors(m.num_attention_heads)}",
+        )
+        require(
+            m.query_groups % p.tp == 0,
+            f"parallel.tp={p.tp} does not divide the {m.query_groups} query groups; "
+            f"choose tp among {_divisors(m.query_groups)}",
+        )
+        stages = p.pp * (p.vpp or 1)
+        require(
+            m.num_layers % stages == 0,
+            f"model.num_layers={m.num_layers} is not divisible by pp*vpp={stages}; "
+            f"choose pp*vpp among {_divisors(m.num_layers)}",
+        )
+        if p.ep > 1:
+            require(m.is_moe, f"parallel.ep={p.ep} needs an MoE model (model.num_experts > 0)")
+            require(
+                m.num_experts % p.ep == 0,
+                f"parallel.ep={p.ep} does not divide model.num_experts={m.num_experts}; "
+                f"choose ep among {_divisors(m.num_experts)}",
+            )
+            # Expert parallelism folds over the TP x DP ranks of one pipeline stage.
+            require(
+                (p.tp * dp) % p.ep == 0,
+                f"parallel.ep={p.ep} does not divide tp*dp={p.tp * dp} (the ranks of one pipeline stage); "
+                f"choose ep among {_divisors(p.tp * dp)}",
+            )
+        if p.tp > 1 and m.is_moe:
+            require(
+                bool(p.sequence_parallel), "parallel.sequence_parallel=false with tp>1 and MoE: set it true"
+            )
+        per_step = t.micro_batch_size * dp
+        require(
+            t.global_batch_size % per_step == 0,
+            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp="
+            f"{t.micro_batch_size}*{dp}={per_step}; use a multiple of {per_step}",
+        )
+        nmb = t.global_batch_size // per_step
+        if p.vpp and p.vpp > 1:
+            require(
+                nmb % p.pp == 0,
+                f"interleaved pipeline needs micro-batches ({nmb}) divisible by parallel.pp={p.pp}; "
+                f"raise training.global_batch_size to a multiple of {per_step * p.pp}",
+            )
+        tokens_per_step = t.global_batch_size * m.seq_length
+        if t.train_steps is not None:
+            steps = t.train_steps
+        else:
+            steps = math.ceil(t.train_tokens / tokens_per_step)
+        train_tokens = steps * tokens_per_step
+        s = self.schedule
+        if s.warmup_tokens is not None:
+            warmup = s.warmup_tokens
+        elif s.warmup_steps is not None:
+            warmup = s.warmup_steps * tokens_per_step
+        else:
+            warmup = round((s.warmup_frac or 0.0) * train_tokens)
+        require(
+            warmup <= train_tokens,
+            f"schedule warmup ({warmup} tokens) is longer than the run ({train_tokens} tokens)",
+        )
+        device = t.device if t.device != "auto" else ("cuda" if cuda_available else "cpu")
+        require(device == "cpu" or cuda_available, "training.device=cuda but no CUDA device is visible")
+        precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+        return Derived(
+            world_size=world_size,
+            dp=dp,
+            num_microbatches=nmb,
+            tokens_per_step=tokens_per_step,
+            train_steps=steps,
+            train_tokens=train_tokens,
+            warmup_tokens=warmup,
+            device=device,
+            precision=precision,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML -> nested dataclasses, with nearest-name errors and --set overrides.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    require(isinstance(data, dict), f"{where or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            near = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + near[0]!r}?" if near else ""
+            valid = ", ".join(types_)
+            raise RampError(
+                f"unknown recipe key {(where + '.' if where else '') + str(key)!r}{hint} (valid: {valid})"
+            )
+        kwargs[key] = _coerce(types_[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature errors
+        raise RampError(f"{where or 'recipe'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (list, dict):
+        expected = origin
+        require(isinstance(value, expected), f"{where}={value!r}: expected a {expected.__name__}")
+        return value
+    if tp is bool:
+        require(isinstance(value, bool), f"{where}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        require(
+            isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r}: expected an integer"
+        )
+        return value
+    if tp is float:
+        require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}={value!r}: expected a number",
+        )
+        return float(value)
+    if tp is str:
+        require(isinstance(value, (str, int, float)), f"{where}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _parse_number_suffix(value: Any) -> Any:
+    """Allow 1.5M / 2B / 10K token counts in YAML and --set values."""
+    if isinstance(value, str):
+        s = value.strip()
+        mult = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(s[-1:].upper())
+        if mult and s[:-1].replace(".", "", 1).isdigit():
+            return int(float(s[:-1]) * mult)
+    return value
+
+
+def _walk_suffixes(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _walk_suffixes(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_walk_suffixes(v) for v in data]
+    return _parse_number_suffix(data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings; values are parsed as YAML (numbers, booleans, lists)."""
+    for item in overrides:
+        require("=" in item, f"--set {item!r}: expected key=value, e.g. training.train_steps=100")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            require(isinstance(node, dict), f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_path(recipe: str | Path) -> Path:
+    """A recipe is a YAML path or the name of one under recipes/."""
+    p = Path(recipe)
+    if p.exists():
+        return p
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if named.exists():
+        return named
+    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    near = difflib.get_close_matches(str(recipe), known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise RampError(
+        f"recipe {str(recipe)!r} not found{hint} (give a YAML path or one of: {', '.join(known)})"
+    )
+
+
+def load(recipe: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe from a YAML path, a recipe name or a dict."""
+    if isinstance(recipe, dict):
+        data = dict(recipe)
+    else:
+        path = resolve_path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RampError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data.setdefault("name", path.stem)
+    data = apply_overrides(data, list(overrides or []))
+    return _build(Recipe, _walk_suffixes(data), "")

@@ -1,0 +1,279 @@
+"""The training loop: megatron-core forward-backward schedules, optimizer step, evaluation, callbacks.
+
+Everything that changes behaviour over the run (LR schedule, metrics, checkpoints, progress, plots) is a
+callback; the loop only runs steps. The data position is the number of samples consumed, so a resume or
+a change of the global batch never skips or repeats a sample.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher import checkpoint, data, layout, model, optim
+from launcher.callbacks.base import Callback
+from launcher.recipe import Derived, Recipe
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    global_batch_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum()
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm_loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, chunk):
+    batch = next(data_iterator)
+    output = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        derived: Derived,
+        callbacks: list[Callback] | None = None,
+        lr_mults: dict[str, float] | None = None,
+        module_of=None,
+    ) -> None:
+        self.recipe, self.derived = recipe, derived
+        self.callbacks: list[Callback] = list(callbacks or [])
+        self.state = TrainState(global_batch_size=recipe.training.global_batch_size)
+        self.lr_mults, self.module_of = lr_mults, module_of
+        self.stop_requested = False
+        self.last_eval: dict[str, float] = {}
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        r, d = self.recipe, self.derived
+        layout.init_parallel(r.parallel, r.training.seed)
+        self.bundle = data.build_datasets(
+            r.data,
+            seq_length=r.model.seq_length,
+            seed=r.training.seed,
+            train_samples=d.train_tokens // r.model.seq_length,
+            valid_samples=r.training.eval_samples,
+        )
+        self.vocab_size = model.padded_vocab_size(
+            r.model.vocab_size or self.bundle.tokenizer.vocab_size,
+            r.model.make_vocab_size_divisible_by,
+            r.parallel.tp,
+        )
+        self.config = model.transformer_config(r, d)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.chunks = model.wrap_ddp(r, self.config, model.build_chunks(r, d, self.config, self.vocab_size))
+        self.config.no_sync_func = [c.no_sync for c in self.chunks]
+        if len(self.chunks) == 1:
+            self.config.no_sync_func = self.config.no_sync_func[0]
+        self.optimizer = optim.build_optimizer(r, d, self.chunks, self.lr_mults, self.module_of)
+        self.forward_backward = get_forward_backward_func()
+        init_num_microbatches_calculator(
+            dist.get_rank(), None, r.training.global_batch_size, r.training.micro_batch_size, d.dp
+        )
+
+    # -- checkpoint interface --------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "state": asdict(self.state),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "layout": checkpoint.current_layout(),
+            "recipe": self.recipe.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint.save(
+            self.recipe.checkpoint_dir,
+            self.state.step,
+            self.chunks,
+            self.optimizer,
+            self.trainer_state(),
+            self.recipe.checkpoint.keep_last,
+        )
+        for cb in self.callbacks:
+            cb.on_checkpoint_saved(self, str(path))
+        return path
+
+    def load_checkpoint(self, spec: str) -> Path:
+        path = checkpoint.resolve(spec, self.recipe.checkpoint_dir)
+        saved = checkpoint.load(
+            path, self.chunks, self.optimizer, with_optimizer=self.recipe.checkpoint.load_optimizer
+        )
+        self.state = TrainState(**saved["state"])
+        for cb in self.callbacks:
+            if cb.name in saved["callbacks"]:
+                cb.load_state_dict(saved["callbacks"][cb.name])
+        return path
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    @property
+    def dp(self) -> tuple[int, int]:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def _microbatches(self, dataset, start: int, global_batch: int) -> list[dict[str, torch.Tensor]]:
+        rank, size = self.dp
+        mbs = self.recipe.training.micro_batch_size
+        batches = data.microbatches(dataset, start, global_batch, mbs, rank, size)
+        if self.derived.device == "cuda":
+            batches = [{k: v.cuda(non_blocking=True) for k, v in b.items()} for b in batches]
+        return batches
+
+    def _run(
+        self, batches: list[dict[str, torch.Tensor]], forward_only: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        iters = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
+        return self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iters,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(batches),
+            seq_length=self.recipe.model.seq_length,
+            micro_batch_size=self.recipe.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
+
+        gbs, mbs = self.state.global_batch_size, self.recipe.training.micro_batch_size
+        reconfigure_num_microbatches_calculator(dist.get_rank(), None, gbs, mbs, self.dp[1])
+        batches = self._microbatches(self.bundle.train, self.state.consumed_samples, gbs)
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        lm = _mean_over_last_stage([x["lm_loss"] for x in losses])
+        aux = self._moe_aux_losses(len(batches))
+        self.state.step += 1
+        self.state.consumed_samples += gbs
+        self.state.consumed_tokens += gbs * self.recipe.model.seq_length
+        return {
+            "loss": lm + sum(aux.values()),
+            "lm_loss": lm,
+            "aux_loss": aux.get("load_balancing_loss", 0.0),
+            **({"z_loss": aux["z_loss"]} if "z_loss" in aux else {}),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_ok": float(bool(ok)),
+        }
+
+    def _moe_aux_losses(self, num_microbatches: int) -> dict[str, float]:
+        """MoE losses as added to the objective (times their coefficients), mean over layers and micro-batches."""
+        if not self.recipe.model.is_moe:
+            return {}
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        names = sorted(tracker)
+        moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+        m = self.recipe.model
+        n_moe = m.num_layers - m.first_k_dense
+        coeff = {"load_balancing_loss": m.moe_aux_loss_coeff, "z_loss": m.moe_z_loss_coeff or 0.0}
+        out = {}
+        for name in names:
+            value = float(tracker[name]["values"].sum()) / n_moe / num_microbatches
+            out[name] = coeff.get(name, 1.0) * value
+        moe_utils.clear_aux_losses_tracker()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss on the fixed validation set: the same sequences at every evaluation and in every layout."""
+        n = self.recipe.training.eval_samples
+        if not n or self.bundle.valid is None:
+            return {}
+        from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
+
+        mbs, (_, dp) = self.recipe.training.micro_batch_size, self.dp
+        chunk_samples = self.state.global_batch_size
+        losses = []
+        for c in self.chunks:
+            c.eval()
+        for start in range(0, n, chunk_samples):
+            size = min(chunk_samples, n - start)
+            reconfigure_num_microbatches_calculator(dist.get_rank(), None, size, mbs, dp)
+            out = self._run(self._microbatches(self.bundle.valid, start, size), forward_only=True)
+            losses.extend(x["lm_loss"] for x in out)
+        if self.recipe.model.is_moe:
+            from megatron.core.transformer.moe import moe_utils
+
+            moe_utils.clear_aux_losses_tracker()
+        return {"val_loss": _mean_over_last_stage(losses)}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.derived.device == "cuda":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> TrainState:
+        total = self.derived.train_steps
+        interval = self.recipe.training.eval_interval
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._emit("on_train_start")
+            while self.state.step < total:
+                self._emit("on_step_start")
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                metrics["step_time"] = time.perf_counter() - t0
+                self._emit("on_step_end", metrics)
+                last = self.state.step == total
+                if interval and (self.state.step % interval == 0 or last):
+                    self.last_eval = self.evaluate()
+                    if self.last_eval:
+                        self._emit("on_eval", self.last_eval)
+                if self._agree_to_stop():
+                    break
+            self._emit("on_train_end")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.state
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Slurm sends SIGTERM before a time limit: finish the step, checkpoint, exit cleanly.
+        self.stop_requested = True
+
+
+def _mean_over_last_stage(values: list[torch.Tensor]) -> float:
+    """Mean over micro-batches and DP ranks, made visible on every rank (only last stages hold losses)."""
+    last = layout.is_last_stage()
+    local = torch.stack(values).float().mean() if (last and values) else torch.zeros(())
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        local = local.cuda()
+    buf = torch.stack([local * float(last), torch.tensor(float(last), device=local.device)])
+    dist.all_reduce(buf)
+    return float(buf[0] / buf[1])
