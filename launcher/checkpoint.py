@@ -104,11 +104,8 @@ def sharded_state_dict(
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd: dict[str, Any] = {}
-    if len(chunks) == 1:
-        sd["model"] = chunks[0].sharded_state_dict(metadata=SHARDING_METADATA)
-    else:
-        for i, chunk in enumerate(chunks):
-            sd[f"model{i}"] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+    for key, chunk in _model_keys(chunks):
+        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
     if with_optimizer:
         model_sd = sd["model"] if len(chunks) == 1 else {k: v for k, v in sd.items() if k.startswith("model")}
         sd["optimizer"] = optimizer.sharded_state_dict(
@@ -131,6 +128,19 @@ def sharded_state_dict(
     )
     sd["ramp"] = trainer_state
     return sd
+
+
+def _model_keys(chunks) -> list[tuple[str, Any]]:
+    """'model' for one chunk; 'model0', 'model1', ... with virtual pipeline stages (never merged: the layer
+    numbers inside are offsets of the stage, so the chunks' keys would collide)."""
+    if len(chunks) == 1:
+        return [("model", chunks[0])]
+    return [(f"model{i}", c) for i, c in enumerate(chunks)]
+
+
+def _unwrap(chunk):
+    """The GPTModel inside megatron's DDP wrapper: its state dict keys carry no 'module.' prefix."""
+    return getattr(chunk, "module", chunk)
 
 
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict[str, Any], keep_last: int) -> Path:
@@ -197,11 +207,8 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
     if not same_layout:
         sd.pop("rng_state")  # RNG streams belong to ranks; a new layout starts them from the seed
     loaded = dist_checkpointing.load(sd, str(path))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    for key, chunk in _model_keys(chunks):
+        _unwrap(chunk).load_state_dict(loaded[key])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout and "rng_state" in loaded:

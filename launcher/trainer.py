@@ -185,7 +185,7 @@ class Trainer:
         }
 
     def _moe_aux_losses(self, num_microbatches: int) -> dict[str, float]:
-        """MoE losses as added to the objective (times their coefficients), mean over layers and micro-batches."""
+        """MoE losses as added to the objective (with coefficients), mean over layers and micro-batches."""
         if not self.recipe.model.is_moe:
             return {}
         from megatron.core.transformer.moe import moe_utils

@@ -1,0 +1,84 @@
+"""Every parallel layout trains the same numbers as one process.
+
+A one-process reference trains 5 steps and checkpoints at step 2. Each layout loads that checkpoint
+(resharding it into its own TP/PP/DP/EP split) and trains steps 3-5 on the same global batches. Loss and
+grad norm must match the reference step for step. The checkpoint start makes the comparison independent
+of how each layout would initialise weights (megatron's init draws from one RNG stream in build order,
+which differs between pipeline stages), so what is compared is exactly the distributed training math.
+"""
+
+from __future__ import annotations
+
+import pytest
+from ramp_run import run_ramp
+
+pytestmark = pytest.mark.dist
+
+# Losses are fp32 sums in a different order per layout (TP splits matmuls, DP splits the batch): the
+# feasibility study saw agreement to 6 digits; allow a little more for thread-count differences.
+LOSS_ATOL = 5e-5
+GNORM_RTOL = 1e-3
+STEPS = 5
+RESUME_AT = 2
+
+
+def _reference(distopt: bool, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"ref-{'distopt' if distopt else 'adam'}")
+    run = run_ramp(
+        run_dir,
+        [f"training.train_steps={STEPS}", f"checkpoint.interval={RESUME_AT}", "checkpoint.keep_last=5",
+         f"parallel.distributed_optimizer={str(distopt).lower()}"],
+    ).check()
+    assert sorted(run.series("loss")) == list(range(1, STEPS + 1))
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_adam(tmp_path_factory):
+    return _reference(False, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference_distopt(tmp_path_factory):
+    return _reference(True, tmp_path_factory)
+
+
+LAYOUTS = {
+    # name: (processes, recipe overrides)
+    "dp2": (2, []),
+    "tp2_sp": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "ep2": (2, ["parallel.ep=2"]),
+    "tp2xdp2": (4, ["parallel.tp=2"]),
+    "pp2xep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+    "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2xep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
+}
+# The distributed optimizer shards Adam state over DP: check it with every kind of DP group it meets.
+DISTOPT_LAYOUTS = ("dp2", "ep2", "pp2xep2", "tp2xdp2")
+
+
+def _cases():
+    for name in LAYOUTS:
+        yield pytest.param(name, False, id=f"{name}-adam")
+    for name in DISTOPT_LAYOUTS:
+        yield pytest.param(name, True, id=f"{name}-distopt")
+
+
+@pytest.mark.parametrize(("layout", "distopt"), list(_cases()))
+def test_layout_matches_single_process(layout, distopt, request, tmp_path):
+    ref = request.getfixturevalue("reference_distopt" if distopt else "reference_adam")
+    nproc, sets = LAYOUTS[layout]
+    run = run_ramp(
+        tmp_path,
+        [*sets, f"training.train_steps={STEPS}", f"parallel.distributed_optimizer={str(distopt).lower()}",
+         f"checkpoint.load={ref.run_dir / 'checkpoints' / f'step_{RESUME_AT:07d}'}", "checkpoint.save_at_exit=false"],
+        nproc=nproc,
+    ).check()
+    loss, ref_loss = run.series("loss"), ref.series("loss")
+    gnorm, ref_gnorm = run.series("grad_norm"), ref.series("grad_norm")
+    assert sorted(loss) == list(range(RESUME_AT + 1, STEPS + 1)), "the layout did not resume at the checkpoint"
+    for step in loss:
+        assert loss[step] == pytest.approx(ref_loss[step], abs=LOSS_ATOL), f"loss at step {step}"
+        assert gnorm[step] == pytest.approx(ref_gnorm[step], rel=GNORM_RTOL), f"grad norm at step {step}"

@@ -1,0 +1,112 @@
+"""Run ramp's real entry point in fresh processes (1 process, or N gloo ranks under torchrun).
+
+Training runs in subprocesses, never inside pytest: the CPU patches change torch globally, and a fresh
+process per run is also what a user gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A model small enough that the whole layout suite runs in minutes on 2 cores (design.md), with every
+# structural feature the layouts split: 4 layers (PP2 x VPP2), 4 heads (TP2), 4 experts (EP2/EP4).
+TINY = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128",
+    "model.num_experts=4",
+    "model.moe_ffn_hidden_size=64",
+    "model.seq_length=64",
+    "training.micro_batch_size=2",
+    "training.global_batch_size=16",
+    "training.log_interval=1",
+    "training.eval_interval=0",
+    "training.train_tokens=null",
+    "logging.tensorboard=false",
+    "logging.plots=false",
+    "logging.wandb.enabled=false",
+    "schedule.style=constant",
+    "schedule.warmup_frac=null",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    def series(self, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in self.train}
+
+    def check(self) -> Run:
+        assert self.returncode == 0, (
+            f"ramp failed ({self.returncode}):\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
+        )
+        return self
+
+
+def ramp_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="1"
+    )
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def run_ramp(
+    run_dir: Path,
+    sets: list[str],
+    nproc: int = 1,
+    recipe: str = "moe-tiny",
+    timeout: int = 600,
+    extra_args: list[str] | None = None,
+) -> Run:
+    """Train through ``launcher.pretrain`` and read back metrics.jsonl."""
+    run_dir = Path(run_dir)
+    args = ["--recipe", recipe]
+    for s in [*TINY, f"logging.run_dir={run_dir}", *sets]:
+        args += ["--set", s]
+    args += extra_args or []
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "launcher.pretrain", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "launcher.pretrain",
+            *args,
+        ]
+    p = subprocess.run(cmd, cwd=ROOT, env=ramp_env(), capture_output=True, text=True, timeout=timeout)
+    run = Run(p.returncode, p.stdout, p.stderr, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            (run.evals if "val_loss" in rec else run.train).append(rec)
+    return run
