@@ -60,7 +60,8 @@ class Trainer:
         self.callbacks: list[Callback] = list(callbacks or [])
         self.state = TrainState(global_batch_size=recipe.training.global_batch_size)
         self.lr_mults, self.module_of = lr_mults, module_of
-        self.stop_requested = False
+        self._signalled = False  # set by SIGTERM on this rank
+        self.stop_requested = False  # set only when all ranks agree, so every rank leaves at the same step
         self.last_eval: dict[str, float] = {}
         self._build()
 
@@ -233,31 +234,33 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._signalled else 0.0])
         if self.derived.device == "cuda":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def fit(self) -> TrainState:
-        total = self.derived.train_steps
+    def step(self) -> None:
+        """One step with its callbacks, evaluation when due, and the collective stop decision."""
+        self._emit("on_step_start")
+        t0 = time.perf_counter()
+        metrics = self.train_step()
+        metrics["step_time"] = time.perf_counter() - t0
+        self._emit("on_step_end", metrics)
         interval = self.recipe.training.eval_interval
+        if interval and (self.state.step % interval == 0 or self.state.step == self.derived.train_steps):
+            self.last_eval = self.evaluate()
+            if self.last_eval:
+                self._emit("on_eval", self.last_eval)
+        if self._agree_to_stop():
+            self.stop_requested = True
+
+    def fit(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self._emit("on_train_start")
-            while self.state.step < total:
-                self._emit("on_step_start")
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                metrics["step_time"] = time.perf_counter() - t0
-                self._emit("on_step_end", metrics)
-                last = self.state.step == total
-                if interval and (self.state.step % interval == 0 or last):
-                    self.last_eval = self.evaluate()
-                    if self.last_eval:
-                        self._emit("on_eval", self.last_eval)
-                if self._agree_to_stop():
-                    break
+            while self.state.step < self.derived.train_steps and not self.stop_requested:
+                self.step()
             self._emit("on_train_end")
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -265,7 +268,7 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         # Slurm sends SIGTERM before a time limit: finish the step, checkpoint, exit cleanly.
-        self.stop_requested = True
+        self._signalled = True
 
 
 def _mean_over_last_stage(values: list[torch.Tensor]) -> float:

@@ -110,3 +110,7 @@ def run_ramp(
             rec = json.loads(line)
             (run.evals if "val_loss" in rec else run.train).append(rec)
     return run
+
+
+def step_checkpoint(run: Run, step: int) -> Path:
+    return run.run_dir / "checkpoints" / f"step_{step:07d}"

@@ -10,7 +10,7 @@ which differs between pipeline stages), so what is compared is exactly the distr
 from __future__ import annotations
 
 import pytest
-from ramp_run import run_ramp
+from ramp_run import run_ramp, step_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -26,8 +26,12 @@ def _reference(distopt: bool, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"ref-{'distopt' if distopt else 'adam'}")
     run = run_ramp(
         run_dir,
-        [f"training.train_steps={STEPS}", f"checkpoint.interval={RESUME_AT}", "checkpoint.keep_last=5",
-         f"parallel.distributed_optimizer={str(distopt).lower()}"],
+        [
+            f"training.train_steps={STEPS}",
+            f"checkpoint.interval={RESUME_AT}",
+            "checkpoint.keep_last=5",
+            f"parallel.distributed_optimizer={str(distopt).lower()}",
+        ],
     ).check()
     assert sorted(run.series("loss")) == list(range(1, STEPS + 1))
     return run
@@ -70,15 +74,17 @@ def _cases():
 def test_layout_matches_single_process(layout, distopt, request, tmp_path):
     ref = request.getfixturevalue("reference_distopt" if distopt else "reference_adam")
     nproc, sets = LAYOUTS[layout]
-    run = run_ramp(
-        tmp_path,
-        [*sets, f"training.train_steps={STEPS}", f"parallel.distributed_optimizer={str(distopt).lower()}",
-         f"checkpoint.load={ref.run_dir / 'checkpoints' / f'step_{RESUME_AT:07d}'}", "checkpoint.save_at_exit=false"],
-        nproc=nproc,
-    ).check()
+    sets = [
+        *sets,
+        f"training.train_steps={STEPS}",
+        f"parallel.distributed_optimizer={str(distopt).lower()}",
+        f"checkpoint.load={step_checkpoint(ref, RESUME_AT)}",
+        "checkpoint.save_at_exit=false",
+    ]
+    run = run_ramp(tmp_path, sets, nproc=nproc).check()
     loss, ref_loss = run.series("loss"), ref.series("loss")
     gnorm, ref_gnorm = run.series("grad_norm"), ref.series("grad_norm")
-    assert sorted(loss) == list(range(RESUME_AT + 1, STEPS + 1)), "the layout did not resume at the checkpoint"
+    assert sorted(loss) == list(range(RESUME_AT + 1, STEPS + 1)), "did not resume at the checkpoint"
     for step in loss:
         assert loss[step] == pytest.approx(ref_loss[step], abs=LOSS_ATOL), f"loss at step {step}"
         assert gnorm[step] == pytest.approx(ref_gnorm[step], rel=GNORM_RTOL), f"grad norm at step {step}"
