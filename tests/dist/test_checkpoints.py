@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -119,3 +120,30 @@ def _kill_tree(pid: int) -> None:
     for p in [*parent.children(recursive=True), parent]:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    """Slurm's SIGTERM before a time limit: finish the step, save, exit 0; the run resumes from there."""
+    args = ["--recipe", "moe-tiny"]
+    for s in [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500"]:
+        args += ["--set", s]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.pretrain", *args],
+        cwd=ROOT,
+        env=ramp_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert 3 <= last_step < 500
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last_step:07d}"
