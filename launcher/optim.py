@@ -8,29 +8,20 @@ the group's identity (megatron matches groups by it when loading a checkpoint). 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from launcher.laws.mup import MupTable
 from launcher.recipe import Derived, Recipe
 
 
-def build_optimizer(
-    recipe: Recipe,
-    derived: Derived,
-    chunks: list[torch.nn.Module],
-    lr_mults: dict[str, float] | None = None,
-    module_of: Callable[[str], str] | None = None,
-    wd_mults: dict[str, float] | None = None,
-):
-    """``lr_mults`` maps module names (as ``module_of`` names parameters) to LR multipliers."""
+def build_optimizer(recipe: Recipe, derived: Derived, chunks: list[torch.nn.Module], table: MupTable):
+    """megatron-core's optimizer with one param-group override per row of the multiplier table."""
     from megatron.core.optimizer import (
         OptimizerConfig,
         ParamKey,
         get_megatron_optimizer,
         get_standard_config_overrides,
     )
-    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
 
     o, s = recipe.optimizer, recipe.schedule
     bf16 = derived.precision == "bf16"
@@ -49,29 +40,9 @@ def build_optimizer(
         decoupled_weight_decay=True,
     )
     overrides = get_standard_config_overrides(config)
-    modules = sorted(set(lr_mults or {}) | set(wd_mults or {}))
-    for module in modules:
-        mult = (lr_mults or {}).get(module, 1.0)
-        wd = (wd_mults or {}).get(module, 1.0)
-        if mult == 1.0 and wd == 1.0:
-            continue
-        assert module_of is not None, "module_of is needed to place parameters in per-module groups"
-        key = ParamKey(
-            with_name_predicate=ParamWithNamePredicate(
-                name=f"module={module}", fn=lambda p, n, m=module: module_of(_strip_wrappers(n)) == m
-            )
-        )
-        override = {"max_lr": o.lr * mult, "min_lr": o.lr * s.min_lr_ratio * mult, "lr_mult": mult}
-        if wd != 1.0:
-            override["wd_mult"] = wd
-        overrides[key] = override
+    for globs, override in table.param_group_overrides(config.lr, config.min_lr, config.adam_eps):
+        overrides[ParamKey(name=tuple(globs))] = override
     return get_megatron_optimizer(config, chunks, config_overrides=overrides)
-
-
-def _strip_wrappers(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    return name
 
 
 def set_lr(optimizer, factor: float) -> None:

@@ -38,15 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def plan(args: argparse.Namespace):
     """Everything decided before processes talk to each other: recipe, derived sizes, schedule, muP."""
     from launcher import checkpoint, recipe
+    from launcher.laws.mup import multiplier_table
     from launcher.laws.schedule import resolve_schedule
 
     r = recipe.load(args.recipe, args.set)
     env = layout.Env.from_environ()
     d = r.derive(env.world_size, cuda_available=torch.cuda.is_available())
     schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
     if r.checkpoint.load is not None:
         checkpoint.resolve(r.checkpoint.load, r.checkpoint_dir)
-    return r, d, env, schedule
+    return r, d, env, schedule, table
 
 
 def _set_threads(recipe, env: layout.Env) -> None:
@@ -60,13 +62,17 @@ def _set_threads(recipe, env: layout.Env) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        r, d, env, schedule = plan(args)
+        r, d, env, schedule, table = plan(args)
     except RampError as e:
         print(f"ramp: error: {e}", file=sys.stderr)
         return 2
     if env.rank == 0:
         print(f"ramp: {r.name}: " + " ".join(d.lines()), flush=True)
         print(f"ramp: lr schedule: {schedule.describe()}", flush=True)
+        print(
+            f"ramp: parameter groups ({'muP' if r.mup.enabled else 'standard'}):\n{table.format_table()}",
+            flush=True,
+        )
     if args.dry_run:
         return 0
 
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
     try:
-        trainer = build_trainer(r, d, schedule)
+        trainer = build_trainer(r, d, schedule, table)
         if r.checkpoint.load is not None:
             path = trainer.load_checkpoint(r.checkpoint.load)
             if env.rank == 0:
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_trainer(r, d, schedule, extra_callbacks=()):
+def build_trainer(r, d, schedule, table, extra_callbacks=()):
     """The trainer with ramp's standard callbacks, in the order they must run."""
     from launcher.callbacks.checkpointing import Checkpointing
     from launcher.callbacks.lr_schedule import LRSchedule
@@ -108,6 +114,7 @@ def build_trainer(r, d, schedule, extra_callbacks=()):
     run_dir = r.run_dir
     if torch.distributed.get_rank() == 0:
         r.dump(run_dir / "config.yaml")
+        (run_dir / "mup_table.json").write_text(table.to_json())
     callbacks = [
         LRSchedule(schedule),
         *extra_callbacks,
@@ -124,7 +131,7 @@ def build_trainer(r, d, schedule, extra_callbacks=()):
     ]
     if r.logging.plots:
         callbacks.append(Plots(run_dir))
-    return Trainer(r, d, callbacks)
+    return Trainer(r, d, table, callbacks)
 
 
 if __name__ == "__main__":

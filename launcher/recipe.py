@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import RampError, require
+from launcher.laws.mup import MupConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -280,6 +281,7 @@ class DataConfig:
     split: str = "98,2,0"
     cache_dir: str = ".cache/ramp"
     embedded_vocab_size: int = 4096
+    max_epochs: int = 1  # passes over the train split allowed; a shorter dataset is an error, not a repeat
 
     def __post_init__(self) -> None:
         require(bool(self.paths), "data.paths is empty: give dataset prefixes or 'embedded'")
@@ -362,6 +364,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_steps=100))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, data, layout, model, optim
+from launcher import checkpoint, data, layout, model, optim, parametrization
 from launcher.callbacks.base import Callback
+from launcher.laws.mup import MupTable
 from launcher.recipe import Derived, Recipe
 
 
@@ -52,14 +53,13 @@ class Trainer:
         self,
         recipe: Recipe,
         derived: Derived,
+        table: MupTable,
         callbacks: list[Callback] | None = None,
-        lr_mults: dict[str, float] | None = None,
-        module_of=None,
     ) -> None:
         self.recipe, self.derived = recipe, derived
         self.callbacks: list[Callback] = list(callbacks or [])
         self.state = TrainState(global_batch_size=recipe.training.global_batch_size)
-        self.lr_mults, self.module_of = lr_mults, module_of
+        self.table = table
         self._signalled = False  # set by SIGTERM on this rank
         self.stop_requested = False  # set only when all ranks agree, so every rank leaves at the same step
         self.last_eval: dict[str, float] = {}
@@ -87,11 +87,13 @@ class Trainer:
         )
         self.config = model.transformer_config(r, d)
         self.config.finalize_model_grads_func = finalize_model_grads
-        self.chunks = model.wrap_ddp(r, self.config, model.build_chunks(r, d, self.config, self.vocab_size))
+        chunks = model.build_chunks(r, d, self.config, self.vocab_size)
+        parametrization.apply(chunks, self.table, self.config)  # muP init and multipliers, before DDP
+        self.chunks = model.wrap_ddp(r, self.config, chunks)
         self.config.no_sync_func = [c.no_sync for c in self.chunks]
         if len(self.chunks) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
-        self.optimizer = optim.build_optimizer(r, d, self.chunks, self.lr_mults, self.module_of)
+        self.optimizer = optim.build_optimizer(r, d, self.chunks, self.table)
         self.forward_backward = get_forward_backward_func()
         init_num_microbatches_calculator(
             dist.get_rank(), None, r.training.global_batch_size, r.training.micro_batch_size, d.dp
@@ -249,16 +251,21 @@ class Trainer:
         self._emit("on_step_end", metrics)
         interval = self.recipe.training.eval_interval
         if interval and (self.state.step % interval == 0 or self.state.step == self.derived.train_steps):
-            self.last_eval = self.evaluate()
-            if self.last_eval:
-                self._emit("on_eval", self.last_eval)
+            self._eval()
         if self._agree_to_stop():
             self.stop_requested = True
+
+    def _eval(self) -> None:
+        self.last_eval = self.evaluate()
+        if self.last_eval:
+            self._emit("on_eval", self.last_eval)
 
     def fit(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self._emit("on_train_start")
+            if self.recipe.training.eval_interval and self.state.step == 0:
+                self._eval()  # the starting point of the validation curve
             while self.state.step < self.derived.train_steps and not self.stop_requested:
                 self.step()
             self._emit("on_train_end")
