@@ -432,6 +432,12 @@ class Recipe:
                 f"interleaved pipeline needs micro-batches ({nmb}) divisible by parallel.pp={p.pp}; "
                 f"raise training.global_batch_size to a multiple of {per_step * p.pp}",
             )
+        eval_unit = per_step * (p.pp if p.vpp and p.vpp > 1 else 1)
+        require(
+            t.eval_samples % eval_unit == 0,
+            f"training.eval_samples={t.eval_samples} is not a multiple of micro_batch_size*dp"
+            f"{'*pp' if eval_unit != per_step else ''}={eval_unit}; use a multiple of {eval_unit}",
+        )
         tokens_per_step = t.global_batch_size * m.seq_length
         if t.train_steps is not None:
             steps = t.train_steps

@@ -65,6 +65,7 @@ BAD = [
     (["schedule.decay.length_tokens=10B"], 1, ["decay"]),
     (["schedule.style=linearr"], 1, ["schedule.style", "wsd"]),
     (["model.moe_router_topk=9"], 1, ["moe_router_topk=9", "1..8"]),
+    (["training.eval_samples=100"], 2, ["eval_samples=100", "multiple of 16"]),
 ]
 
 
