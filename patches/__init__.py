@@ -26,7 +26,6 @@ _MODULES = (
     "tensor_type",
     "torch_norm_sp",
     "moe_split_sizes",
-    "uneven_gather",
     "distopt_checkpoint",
     "async_save_queue",
 )
