@@ -202,6 +202,11 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
     from megatron.core import dist_checkpointing
 
     trainer_state = read_trainer_state(path)
+    require(
+        not (with_optimizer and trainer_state.get("model_only")),
+        f"checkpoint {path} holds model weights only (ramp-convert from-hf); "
+        "set checkpoint.load_optimizer=false",
+    )
     same_layout = trainer_state.get("layout") == _current_layout()
     sd = sharded_state_dict(chunks, optimizer, trainer_state, is_loading=True, with_optimizer=with_optimizer)
     if not same_layout:
