@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launcher import layout
 from launcher.errors import RampError, require
 
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -207,7 +208,7 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
         f"checkpoint {path} holds model weights only (ramp-convert from-hf); "
         "set checkpoint.load_optimizer=false",
     )
-    same_layout = trainer_state.get("layout") == _current_layout()
+    same_layout = trainer_state.get("layout") == layout.sizes()
     sd = sharded_state_dict(chunks, optimizer, trainer_state, is_loading=True, with_optimizer=with_optimizer)
     if not same_layout:
         sd.pop("rng_state")  # RNG streams belong to ranks; a new layout starts them from the seed
@@ -219,18 +220,3 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
     if same_layout and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return trainer_state
-
-
-def _current_layout() -> dict[str, int]:
-    from megatron.core import parallel_state as ps
-
-    return {
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-        "ep": ps.get_expert_model_parallel_world_size(),
-        "dp": ps.get_data_parallel_world_size(),
-        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
-    }
-
-
-current_layout = _current_layout

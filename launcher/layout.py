@@ -82,15 +82,16 @@ def destroy_parallel() -> None:
     ps.destroy_model_parallel()
 
 
-def ranks() -> dict[str, int]:
-    """This process's coordinates in the current layout, for logging and checkpoint naming."""
+def sizes() -> dict[str, int]:
+    """The current layout's sizes; a checkpoint records them so a load can tell a reshard."""
     from megatron.core import parallel_state as ps
 
     return {
-        "tp": ps.get_tensor_model_parallel_rank(),
-        "pp": ps.get_pipeline_model_parallel_rank(),
-        "dp": ps.get_data_parallel_rank(),
-        "ep": ps.get_expert_model_parallel_rank(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
 
 

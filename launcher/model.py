@@ -31,7 +31,15 @@ def transformer_config(recipe: Recipe, derived: Derived):
     """The megatron-core TransformerConfig for this recipe and layout."""
     from megatron.core.transformer import TransformerConfig
 
+    from launcher.laws.mup import multiplier_table
+
     m, p = recipe.model, recipe.parallel
+    # muP attention scale (laws/mup.py); None keeps megatron's 1/sqrt(head_dim) and is also used when
+    # the table's scale equals it (muP at the base head dim), so the base shape is the standard model.
+    table = multiplier_table(m, recipe.mup, recipe.optimizer.lr_mult, recipe.optimizer.weight_decay)
+    softmax_scale = table.softmax_scale if table.enabled else None
+    if softmax_scale is not None and math.isclose(softmax_scale, 1.0 / math.sqrt(m.head_dim), rel_tol=1e-9):
+        softmax_scale = None
     bf16 = derived.precision == "bf16"
     te = use_transformer_engine(derived.device)
     moe = {}
@@ -68,6 +76,7 @@ def transformer_config(recipe: Recipe, derived: Derived):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
+        softmax_scale=softmax_scale,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,

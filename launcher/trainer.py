@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from launcher import checkpoint, data, layout, model, optim, parametrization
 from launcher.callbacks.base import Callback
+from launcher.errors import require
 from launcher.laws.mup import MupTable
 from launcher.recipe import Derived, Recipe
 
@@ -80,8 +81,14 @@ class Trainer:
             train_samples=d.train_tokens // r.model.seq_length,
             valid_samples=r.training.eval_samples,
         )
+        tokenizer_vocab = self.bundle.tokenizer.vocab_size
+        require(
+            r.model.vocab_size is None or r.model.vocab_size >= tokenizer_vocab,
+            f"model.vocab_size={r.model.vocab_size} is below the tokenizer's {tokenizer_vocab} tokens; "
+            f"raise it or leave it unset",
+        )
         self.vocab_size = model.padded_vocab_size(
-            r.model.vocab_size or self.bundle.tokenizer.vocab_size,
+            r.model.vocab_size or tokenizer_vocab,
             r.model.make_vocab_size_divisible_by,
             r.parallel.tp,
         )
@@ -104,7 +111,7 @@ class Trainer:
         return {
             "state": asdict(self.state),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            "layout": checkpoint.current_layout(),
+            "layout": layout.sizes(),
             "recipe": self.recipe.to_dict(),
         }
 
@@ -127,6 +134,9 @@ class Trainer:
             path, self.chunks, self.optimizer, with_optimizer=self.recipe.checkpoint.load_optimizer
         )
         self.state = TrainState(**saved["state"])
+        # The checkpoint carries the data position; the batch size is the recipe's (a fork at a larger
+        # batch, or a batch-size schedule callback, sets it from there).
+        self.state.global_batch_size = self.recipe.training.global_batch_size
         for cb in self.callbacks:
             if cb.name in saved["callbacks"]:
                 cb.load_state_dict(saved["callbacks"][cb.name])
