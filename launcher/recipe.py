@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -150,6 +150,11 @@ class DecayConfig:
     length_steps: int | None = None
     points: list[list[float]] | None = None  # [[fraction of decay, lr ratio], ...] for shape=points
 
+    ONE_OF: ClassVar = (
+        ("start_frac", "start_tokens", "start_steps"),
+        ("length_frac", "length_tokens", "length_steps"),
+    )
+
     def __post_init__(self) -> None:
         shapes = ("linear", "cosine", "1-sqrt", "exponential", "points")
         require(
@@ -183,6 +188,8 @@ class ScheduleConfig:
     init_lr_ratio: float = 0.0  # warmup starts at lr * init_lr_ratio
     min_lr_ratio: float = 0.1  # lr at the end of decay, as a fraction of the peak
     decay: DecayConfig = field(default_factory=DecayConfig)
+
+    ONE_OF: ClassVar = (("warmup_frac", "warmup_tokens", "warmup_steps"),)
 
     def __post_init__(self) -> None:
         styles = ("wsd", "cosine", "linear", "constant")
@@ -246,6 +253,8 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch threads per process on CPU; None: cores / local processes
+
+    ONE_OF: ClassVar = (("train_tokens", "train_steps"),)
 
     def __post_init__(self) -> None:
         _positive(
@@ -575,7 +584,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             require(isinstance(node, dict), f"--set {key}: {part} is not a section")
         node[parts[-1]] = value
+        if value is not None:
+            # Setting one of a group of alternatives (train_steps vs train_tokens, decay start in tokens
+            # vs as a fraction...) replaces whichever of them the recipe gave.
+            for sibling in _alternatives(parts):
+                node[sibling] = None
     return data
+
+
+def _alternatives(parts: list[str]) -> tuple[str, ...]:
+    cls: Any = Recipe
+    for part in parts[:-1]:
+        types_ = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = types_.get(part)
+        if cls is None:
+            return ()
+    for group in getattr(cls, "ONE_OF", ()):
+        if parts[-1] in group:
+            return tuple(g for g in group if g != parts[-1])
+    return ()
 
 
 def resolve_path(recipe: str | Path) -> Path:
