@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             if env.rank == 0:
                 print(f"ramp: resumed from {path} at step {trainer.state.step}", flush=True)
         trainer.fit()
+        # Leave together: rank 0 hosts the rendezvous store, and a gloo peer that disappears while the
+        # others tear down their groups can abort them.
+        torch.distributed.barrier()
     except RampError as e:
         print(f"ramp: error: {e}", file=sys.stderr)
         return 2

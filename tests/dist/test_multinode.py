@@ -64,6 +64,7 @@ STAND_IN = textwrap.dedent(
             "weights": [v for p in model.parameters() for v in p.detach().flatten().tolist()],
             "moved": any(not torch.equal(a, p.detach()) for a, p in zip(start, model.parameters())),
         }, f)
+    dist.barrier()  # leave together: a gloo peer that vanishes mid-teardown aborts the other rank
     dist.destroy_process_group()
     """
 )
