@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from launcher.laws.mup import MupTable
 from launcher.recipe import Derived, Recipe
 
 
@@ -27,16 +28,13 @@ def use_transformer_engine(device: str) -> bool:
     return True
 
 
-def transformer_config(recipe: Recipe, derived: Derived):
-    """The megatron-core TransformerConfig for this recipe and layout."""
+def transformer_config(recipe: Recipe, derived: Derived, table: MupTable):
+    """The megatron-core TransformerConfig for this recipe, layout and parameter-group table."""
     from megatron.core.transformer import TransformerConfig
-
-    from launcher.laws.mup import multiplier_table
 
     m, p = recipe.model, recipe.parallel
     # muP attention scale (laws/mup.py); None keeps megatron's 1/sqrt(head_dim) and is also used when
     # the table's scale equals it (muP at the base head dim), so the base shape is the standard model.
-    table = multiplier_table(m, recipe.mup, recipe.optimizer.lr_mult, recipe.optimizer.weight_decay)
     softmax_scale = table.softmax_scale if table.enabled else None
     if softmax_scale is not None and math.isclose(softmax_scale, 1.0 / math.sqrt(m.head_dim), rel_tol=1e-9):
         softmax_scale = None

@@ -92,7 +92,7 @@ class Trainer:
             r.model.make_vocab_size_divisible_by,
             r.parallel.tp,
         )
-        self.config = model.transformer_config(r, d)
+        self.config = model.transformer_config(r, d, self.table)
         self.config.finalize_model_grads_func = finalize_model_grads
         chunks = model.build_chunks(r, d, self.config, self.vocab_size)
         parametrization.apply(chunks, self.table, self.config)  # muP init and multipliers, before DDP

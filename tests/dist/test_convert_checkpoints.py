@@ -194,6 +194,7 @@ def _ramp_logits(ckpt: Path, tokens_path: Path, out: Path) -> None:
 
     patches.apply_all(cpu=True)
     from launcher import checkpoint, layout, model, recipe
+    from launcher.laws.mup import multiplier_table
     from tools.convert_checkpoint import TorchDistReader
 
     saved = checkpoint.read_trainer_state(ckpt)["recipe"]
@@ -206,7 +207,8 @@ def _ramp_logits(ckpt: Path, tokens_path: Path, out: Path) -> None:
     try:
         layout.init_parallel(r.parallel, r.training.seed)
         vocab = int(TorchDistReader(ckpt).tensors()["embedding.word_embeddings.weight"].size[0])
-        chunks = model.build_chunks(r, d, model.transformer_config(r, d), vocab)
+        table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
+        chunks = model.build_chunks(r, d, model.transformer_config(r, d, table), vocab)
         checkpoint.load(ckpt, chunks, None, with_optimizer=False)
         tokens = torch.load(tokens_path)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
