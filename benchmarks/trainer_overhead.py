@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -57,13 +56,9 @@ def main() -> None:
     r = recipe.load("moe-tiny", sets)
     env = layout.Env.from_environ()
     d = r.derive(env.world_size)
-    from launcher.laws.mup import multiplier_table
-    from launcher.laws.schedule import resolve_schedule
-
-    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
-    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
+    schedule, table = pretrain.schedule_and_table(r, d)
     patches.apply_all(cpu=True)
-    torch.set_num_threads(r.training.threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+    pretrain.set_threads(r, env)
     layout.init_world("cpu", env)
     trainer = pretrain.build_trainer(r, d, schedule, table)
     trainer._emit("on_train_start")

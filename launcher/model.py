@@ -156,24 +156,3 @@ def wrap_ddp(recipe: Recipe, config, chunks: list[torch.nn.Module]) -> list[torc
         )
         for i, chunk in enumerate(chunks)
     ]
-
-
-def count_parameters(m) -> dict[str, int]:
-    """Total and active (per token) parameter counts of the full model, from its shape alone."""
-    h, L = m.hidden_size, m.num_layers
-    q = m.num_attention_heads * m.head_dim
-    kv = 2 * m.query_groups * m.head_dim
-    attn = h * (q + kv) + q * h + 2 * h  # qkv, proj, two norms
-    dense_mlp = 3 * h * m.ffn_hidden_size
-    expert = 3 * h * m.moe_ffn_hidden_size
-    shared = 3 * h * (m.moe_shared_expert_hidden_size or 0)
-    router = h * m.num_experts
-    n_moe = L - m.first_k_dense if m.is_moe else 0
-    n_dense = L - n_moe
-    vocab = m.vocab_size or 0
-    embed = vocab * h * (1 if m.tie_embeddings else 2)
-    total = L * attn + n_dense * dense_mlp + n_moe * (m.num_experts * expert + shared + router) + embed + h
-    active = (
-        L * attn + n_dense * dense_mlp + n_moe * (m.moe_router_topk * expert + shared + router) + embed + h
-    )
-    return {"total": total, "active": active, "embedding": embed}

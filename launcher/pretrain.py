@@ -35,23 +35,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def schedule_and_table(r, d):
+    """The token LR schedule and the parameter-group multiplier table the recipe implies."""
+    from launcher.laws.mup import multiplier_table
+    from launcher.laws.schedule import resolve_schedule
+
+    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
+    return schedule, table
+
+
 def plan(args: argparse.Namespace):
     """Everything decided before processes talk to each other: recipe, derived sizes, schedule, muP."""
     from launcher import checkpoint, recipe
-    from launcher.laws.mup import multiplier_table
-    from launcher.laws.schedule import resolve_schedule
 
     r = recipe.load(args.recipe, args.set)
     env = layout.Env.from_environ()
     d = r.derive(env.world_size, cuda_available=torch.cuda.is_available())
-    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
-    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
+    schedule, table = schedule_and_table(r, d)
     if r.checkpoint.load is not None:
         checkpoint.resolve(r.checkpoint.load, r.checkpoint_dir)
     return r, d, env, schedule, table
 
 
-def _set_threads(recipe, env: layout.Env) -> None:
+def set_threads(recipe, env: layout.Env) -> None:
     if recipe.training.threads:
         n = recipe.training.threads
     else:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import patches
 
     applied = patches.apply_all(cpu=d.device == "cpu")
-    _set_threads(r, env)
+    set_threads(r, env)
     layout.init_world(d.device, env)
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)

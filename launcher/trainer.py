@@ -69,7 +69,6 @@ class Trainer:
     # -- construction -------------------------------------------------------------------------------------
     def _build(self) -> None:
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         r, d = self.recipe, self.derived
@@ -101,10 +100,9 @@ class Trainer:
         if len(self.chunks) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
         self.optimizer = optim.build_optimizer(r, d, self.chunks, self.table)
+        # The schedules take the micro-batch count per call (a batch change needs nothing else);
+        # megatron's global micro-batch calculator is only read by CUDA graphs, which ramp does not use.
         self.forward_backward = get_forward_backward_func()
-        init_num_microbatches_calculator(
-            dist.get_rank(), None, r.training.global_batch_size, r.training.micro_batch_size, d.dp
-        )
 
     # -- checkpoint interface --------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -172,10 +170,7 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
-        from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
-
-        gbs, mbs = self.state.global_batch_size, self.recipe.training.micro_batch_size
-        reconfigure_num_microbatches_calculator(dist.get_rank(), None, gbs, mbs, self.dp[1])
+        gbs = self.state.global_batch_size
         batches = self._microbatches(self.bundle.train, self.state.consumed_samples, gbs)
         for c in self.chunks:
             c.train()
@@ -222,16 +217,12 @@ class Trainer:
         n = self.recipe.training.eval_samples
         if not n or self.bundle.valid is None:
             return {}
-        from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
-
-        mbs, (_, dp) = self.recipe.training.micro_batch_size, self.dp
         chunk_samples = self.state.global_batch_size
         losses = []
         for c in self.chunks:
             c.eval()
         for start in range(0, n, chunk_samples):
             size = min(chunk_samples, n - start)
-            reconfigure_num_microbatches_calculator(dist.get_rank(), None, size, mbs, dp)
             out = self._run(self._microbatches(self.bundle.valid, start, size), forward_only=True)
             losses.extend(x["lm_loss"] for x in out)
         if self.recipe.model.is_moe:

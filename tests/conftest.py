@@ -1,10 +1,9 @@
-"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, and a free loopback port."""
+"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, and a free loopback port fixture."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from ramp_run import free_port
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,13 +17,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs CUDA: torch sees no GPU on this machine")
     for item in gpu_items:
         item.add_marker(skip)
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago; the OS picks it, so parallel runs don't collide."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

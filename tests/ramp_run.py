@@ -6,6 +6,7 @@ process per run is also what a user gets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,6 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,9 +43,29 @@ TINY = [
 
 
 def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago; the OS picks it, so parallel runs don't collide."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_tree(pid: int, grace_s: float = 15.0) -> None:
+    """End a launcher and every process it started (torchrun and deepspeed start workers in sessions of
+    their own, so a process-group kill misses them). ``grace_s=0``: SIGKILL at once, as a crash would."""
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    alive = procs
+    if grace_s > 0:
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 @dataclass

@@ -103,13 +103,10 @@ def _ensure_world() -> None:
 def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -> Iterator[Any]:
     """A Trainer (LR schedule callback only) for ``recipe_name`` + ``sets``; its megatron state is torn down
     on exit so the next one can be built in the same process."""
-    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.core.transformer.moe import moe_utils
 
-    from launcher import layout, recipe
+    from launcher import layout, pretrain, recipe
     from launcher.callbacks.lr_schedule import LRSchedule
-    from launcher.laws.mup import multiplier_table
-    from launcher.laws.schedule import resolve_schedule
     from launcher.trainer import Trainer
 
     _ensure_world()
@@ -117,15 +114,13 @@ def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -
     d = r.derive(1)
     if d.device != "cpu":
         raise SystemExit("this tool runs on CPU (one gloo process)")
-    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
-    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
+    schedule, table = pretrain.schedule_and_table(r, d)
     trainer = Trainer(r, d, table, [LRSchedule(schedule)])
     try:
         yield trainer
     finally:
         moe_utils.clear_aux_losses_tracker()  # a run that stopped mid-step leaves its aux losses there
         layout.destroy_parallel()
-        destroy_num_microbatches_calculator()
 
 
 # -- measurement -------------------------------------------------------------------------------------------

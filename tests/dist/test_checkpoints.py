@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from ramp_run import ROOT, TINY, assert_continues, free_port, ramp_env, run_ramp, step_checkpoint
+from ramp_run import ROOT, TINY, assert_continues, free_port, kill_tree, ramp_env, run_ramp, step_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -88,13 +88,13 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
             )
             writing = list(ckpts.glob("step_*.tmp")) if ckpts.exists() else []
             if len(done) >= 2 and writing and any(any(w.iterdir()) for w in writing):
-                _kill_tree(proc.pid)  # the launcher and every rank, mid-write
+                kill_tree(proc.pid, grace_s=0)  # the launcher and every rank, mid-write
                 killed_mid_write = True
                 break
             time.sleep(0.005)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid, grace_s=0)
         proc.wait()
     assert killed_mid_write, "never caught a checkpoint being written"
     assert list(ckpts.glob("step_*.tmp")), "the interrupted write should have left its .tmp directory"
@@ -109,14 +109,6 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
     assert f"resumed from {ckpts / latest} at step {killed_at}" in resumed.stdout
     assert max(resumed.series("loss")) == killed_at + 2
     assert not list(ckpts.glob("step_*.tmp")), "a later save of the same step must replace the stale .tmp"
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and all its workers (torchrun starts workers in sessions of their own)."""
-    parent = psutil.Process(pid)
-    for p in [*parent.children(recursive=True), parent]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):

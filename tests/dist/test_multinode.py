@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ramp_run import kill_tree
 
 pytestmark = pytest.mark.dist
 
@@ -152,19 +153,8 @@ def _ramp_launch(args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """End ``proc`` and everything it started, by pid, whatever state the run was left in."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+def _stop(proc: subprocess.Popen) -> None:
+    kill_tree(proc.pid)
     if proc.poll() is None:
         proc.wait(timeout=15)
 
@@ -192,7 +182,7 @@ def _run_nodes(node_args: list[list[str]], tmp: Path) -> list[str]:
         return outputs
     finally:
         for p in procs:
-            _kill_tree(p)
+            _stop(p)
 
 
 @pytest.mark.parametrize(
@@ -271,4 +261,4 @@ def test_sigterm_to_ramp_launch_ends_every_worker(tmp_path: Path):
             assert time.monotonic() < end, "a worker outlived ramp-launch after SIGTERM"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc)
+        _stop(proc)
