@@ -82,7 +82,11 @@ def main() -> None:
         for c in trainer.chunks:
             c.zero_grad_buffer()
         trainer.optimizer.zero_grad()
-        optim.set_lr(trainer.optimizer, schedule.factor(st.consumed_tokens))
+        optim.apply_schedule(
+            trainer.optimizer,
+            schedule.factor(st.consumed_tokens + st.global_batch_size * r.model.seq_length),
+            r.optimizer.weight_decay,
+        )
         trainer.forward_backward(
             forward_step_func=_forward_step,
             data_iterator=iter(batches),

@@ -4,6 +4,12 @@ Per-module learning rates (muP multipliers, recipe overrides) become megatron-co
 each group's ``max_lr`` is the peak LR times its multiplier, and ``lr_mult`` carries the multiplier as
 the group's identity (megatron matches groups by it when loading a checkpoint). The LR schedule then sets
 ``lr = max_lr * factor(tokens)`` for every group each step.
+
+Weight decay is per group too: ``weight_decay = optimizer.weight_decay * wd_mult`` (0 for norms and biases,
+the muP rule for matrices). megatron-core writes that key only inside its ``OptimizerParamScheduler.step``,
+which ramp does not use, and its param groups carry no ``weight_decay`` of their own, so without
+:func:`apply_schedule` torch's AdamW would decay every group with the constructor's value. It is set at build
+and again every step, because loading optimizer state restores the saved groups' hyper-parameters.
 """
 
 from __future__ import annotations
@@ -42,13 +48,17 @@ def build_optimizer(recipe: Recipe, derived: Derived, chunks: list[torch.nn.Modu
     overrides = get_standard_config_overrides(config)
     for globs, override in table.param_group_overrides(config.lr, config.min_lr, config.adam_eps):
         overrides[ParamKey(name=tuple(globs))] = override
-    return get_megatron_optimizer(config, chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, chunks, config_overrides=overrides)
+    apply_schedule(optimizer, lr_factor=0.0, weight_decay=o.weight_decay)
+    return optimizer
 
 
-def set_lr(optimizer, factor: float) -> None:
-    """Every group at its own peak times the schedule's factor."""
+def apply_schedule(optimizer, lr_factor: float, weight_decay: float) -> None:
+    """Every group at its own peak LR times the schedule's factor, and its own weight decay
+    (``weight_decay`` x the group's ``wd_mult``), as megatron's ``OptimizerParamScheduler.step`` does."""
     for group in optimizer.param_groups:
-        group["lr"] = group["max_lr"] * factor
+        group["lr"] = group["max_lr"] * lr_factor
+        group["weight_decay"] = weight_decay * group["wd_mult"]
 
 
 def group_lrs(optimizer) -> dict[str, float]:

@@ -1,22 +1,25 @@
 """muP coordinate check: per-module activation and update sizes across width, standard vs muP.
 
-    ramp-mup-coord-check --out runs/coord                      # widths 64 128 256 512, 5 steps
+    ramp-mup-coord-check --out runs/coord                      # widths 64 128 256 512, 10 steps
     ramp-mup-coord-check --widths 64 128 256 --steps 3 --out /tmp/coord
 
 For each width and parameterisation the tiny MoE (hidden = width, 4 heads, expert hidden = width; the
 base shape is the first width) trains a few steps in this one process (trainers are built and torn down
-in sequence). Per module it records, at every step:
+in sequence). For every matrix type of the model (embedding, attention QKV, attention output projection,
+expert up and down projections, router, output head) it records, at every step:
 
-* ``act``: RMS of the module's output on the step's batch (embedding output, attention output before
-  the residual add, MoE layer output, router logits, output logits), multipliers included;
-* ``update``: RMS of what the step's parameter update does to the module's output on the same input,
-  ``rms(dW x)`` (times the embedding or logit multiplier where one applies), averaged over the module's
-  matrices and layers. This is the quantity muP keeps width-independent; the raw ``rms(dW)`` of a hidden
-  matrix shrinks like 1/width under muP with Adam by design, and is stored as ``param_update``.
+* ``act``: RMS of the matrix's output on the step's batch (embedding rows, QKV, the attention output
+  projection, expert fc1 and fc2 outputs, router logits, output logits), multipliers included;
+* ``update``: RMS of what the step's parameter update does to that output on the same input,
+  ``rms(dW x)`` (times the embedding or logit multiplier where one applies), averaged over layers and
+  experts. This is the quantity muP keeps width-independent; the raw ``rms(dW)`` of a hidden matrix
+  shrinks like 1/width under muP with Adam by design, and is stored as ``param_update``.
 
-The slope of log(RMS) against log(width) at the last step is written per module: flat (about 0) under
-muP; under standard parameterisation the logits and the hidden-matrix updates grow about linearly with
-width. Writes ``coord_check.json`` and ``coord_check.png`` into ``--out``. CPU only (gloo, one process).
+The slope of log(RMS) against log(width), of the mean over the second half of the steps, is written per
+module: flat (about 0) under muP; under standard parameterisation the logits and the hidden-matrix
+updates grow about linearly with width. Under muP the router's logits start smaller at larger width
+(output-like init, std ~ 1/width: the initial routing tends to uniform) while its updates stay flat.
+Writes ``coord_check.json`` and ``coord_check.png`` into ``--out``. CPU only (gloo, one process).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: make the project importable
     sys.path.insert(0, str(ROOT))
 
-MODULES = ("embedding", "attention", "experts", "router", "output")
+MODULES = ("embedding", "attention_qkv", "attention_out", "experts_fc1", "experts_fc2", "router", "output")
 PARAMETRISATIONS = ("standard", "mup")
 HEADS = 4
 
@@ -119,7 +122,9 @@ def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -
     try:
         yield trainer
     finally:
-        moe_utils.clear_aux_losses_tracker()  # a run that stopped mid-step leaves its aux losses there
+        # megatron's aux-loss tracker is a module global sized by the first model's layer count: empty it
+        # so the next trainer (another depth) starts its own.
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
         layout.destroy_parallel()
 
 
@@ -150,21 +155,21 @@ class Recorder:
         self._output(chunk.output_layer, "output")
         for i, layer in enumerate(chunk.decoder.layers):
             p = f"decoder.layers.{i}"
-            self._output(layer.self_attention, "attention")
-            self._output(layer.mlp, "experts")
-            for lin in ("linear_qkv", "linear_proj"):
-                self._inputs(
-                    modules[f"{p}.self_attention.{lin}"], "attention", f"{p}.self_attention.{lin}.weight"
-                )
+            for lin, key in (("linear_qkv", "attention_qkv"), ("linear_proj", "attention_out")):
+                mod = modules[f"{p}.self_attention.{lin}"]
+                self._output(mod, key)
+                self._inputs(mod, key, f"{p}.self_attention.{lin}.weight")
             for name, mod in modules.items():
-                if name.startswith(f"{p}.mlp.experts.") and name.endswith(("linear_fc1", "linear_fc2")):
-                    self._inputs(mod, "experts", f"{name}.weight")
+                for lin, key in (("linear_fc1", "experts_fc1"), ("linear_fc2", "experts_fc2")):
+                    if name.startswith(f"{p}.mlp.experts.") and name.endswith(lin):
+                        self._output(mod, key)
+                        self._inputs(mod, key, f"{name}.weight")
             self._inputs(layer.mlp.router, "router", f"{p}.mlp.router.weight")
             self.handles.append(layer.mlp.router.register_forward_pre_hook(self._router_logits))
 
     def _output(self, module, key: str, tuple_out: bool = True) -> None:
         def hook(mod, args, output):
-            if mod.training:
+            if mod.training and (output[0] if tuple_out else output).numel():  # an expert given no tokens
                 self.acts[key].append(_rms(output[0] if tuple_out else output))
 
         self.handles.append(module.register_forward_hook(hook))
@@ -265,14 +270,20 @@ def slope(widths: list[int], values: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in pts) / sxx
 
 
+def late_mean(per_step: list[dict[str, float]], module: str) -> float:
+    """Mean over the second half of the steps: one step's update is noisy (a router's swings 3x)."""
+    tail = per_step[len(per_step) // 2 :]
+    return _mean([s[module] for s in tail])
+
+
 def summarise(results: dict, widths: list[int]) -> dict:
-    """Slope across width at the last step, per parameterisation, quantity and module."""
+    """Slope across width of the late-steps mean, per parameterisation, quantity and module."""
     out: dict = {}
     for par, by_width in results.items():
         out[par] = {}
         for qty in ("act", "update"):
             out[par][qty] = {
-                m: slope(widths, [by_width[str(w)][qty][-1][m] for w in widths]) for m in MODULES
+                m: slope(widths, [late_mean(by_width[str(w)][qty], m) for w in widths]) for m in MODULES
             }
     return out
 
@@ -325,7 +336,7 @@ def plot(results: dict, widths: list[int], steps: int, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ramp-mup-coord-check", description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    ap.add_argument("--steps", type=int, default=5, help="training steps per run")
+    ap.add_argument("--steps", type=int, default=10, help="training steps per run")
     ap.add_argument("--out", type=Path, required=True, help="directory for coord_check.json and .png")
     ap.add_argument("--parametrisations", nargs="+", choices=PARAMETRISATIONS, default=list(PARAMETRISATIONS))
     ap.add_argument(
@@ -357,11 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     slopes = summarise(results, widths)
-    print(f"\nlog-log slope across width at step {args.steps} (0 = flat):")
-    print(f"{'':<10}{'':<8}" + "".join(f"{m:>11}" for m in MODULES))
+    print(
+        f"\nlog-log slope across width of the mean over steps {args.steps // 2 + 1}-{args.steps} (0 = flat):"
+    )
+    print(f"{'':<10}{'':<8}" + "".join(f"{m:>14}" for m in MODULES))
     for par, by_qty in slopes.items():
         for qty, by_mod in by_qty.items():
-            print(f"{par:<10}{qty:<8}" + "".join(f"{by_mod[m]:>11.3f}" for m in MODULES))
+            print(f"{par:<10}{qty:<8}" + "".join(f"{by_mod[m]:>14.3f}" for m in MODULES))
     payload = {
         "widths": widths,
         "steps": args.steps,

@@ -1,4 +1,10 @@
-"""Learning rate from tokens consumed: each param group at its peak (muP multiplier) times the schedule."""
+"""Learning rate from tokens consumed: each param group at its peak (muP multiplier) times the schedule.
+
+A step's LR is the schedule at the tokens the run will have consumed *after* that step: the first step
+trains at ``factor(tokens of one step)``, not at the warmup floor ``factor(0)`` (0 by default, a wasted
+step), and the last step of a decay lands exactly on the decay's end value. The weight decay of every
+group is written with the LR (``optim.apply_schedule``).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,11 @@ class LRSchedule(Callback):
         self.schedule = schedule
 
     def on_step_start(self, trainer: Trainer) -> None:
-        optim.set_lr(trainer.optimizer, self.schedule.factor(trainer.state.consumed_tokens))
+        st = trainer.state
+        tokens_after = st.consumed_tokens + st.global_batch_size * trainer.recipe.model.seq_length
+        optim.apply_schedule(
+            trainer.optimizer, self.schedule.factor(tokens_after), trainer.recipe.optimizer.weight_decay
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.describe()}

@@ -6,25 +6,43 @@ applies through megatron-core's ``config_overrides`` (``max_lr``/``min_lr``/``wd
 init std it re-initialises with, plus the global multipliers (residual branch, output logits, embedding
 output, attention softmax scale). megatron-core 0.16 has no muP, so ramp computes the table itself.
 
-Rules (Adam; ``m`` = fan-in ratio of the matrix to the base, ``m_d`` = hidden ratio, ``m_L`` = depth ratio,
-``a`` = ``depth_alpha``; references below):
+Rules (Adam; ``m`` = fan-in ratio of the matrix to the base, ``m_d`` = hidden ratio, ``m_a`` = attention
+width ratio (heads x head_dim), ``m_L`` = depth ratio, ``a`` = ``depth_alpha``; references below):
 
 ================== ========== =================== ==================== ===============================
 group              fan-in m   Adam LR mult        init std             eps mult
 ================== ========== =================== ==================== ===============================
-embedding          -          1                   sigma                1
+embedding          -          1                   sigma                1/m_d
 attention_qkv      m_d        1/m * m_L^(a-1)     sigma/sqrt(m)        1/m * m_L^-a
-attention_out      m_d        1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L^-a
+attention_out      m_a        1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L^-a
 dense_mlp.fc1      m_d        1/m * m_L^(a-1)     sigma/sqrt(m)        1/m * m_L^-a
 dense_mlp.fc2      m_ffn      1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L^-a
 experts.fc1        m_d        1/m * m_L^(a-1)     sigma/sqrt(m)        1/m * m_L^-a
 experts.fc2        m_e        1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L^-a
 shared_experts.*   as experts (fc2 fan-in: shared expert hidden size)
-router             m_d        1/m * m_L^(a-1)     sigma/sqrt(m)        1/m * m_L^-a
-output (logits)    -          1                   sigma                1   logits x output_mult/m_d
-output (lr)        -          1/m_d               sigma/m_d            1   logits x output_mult
+router             m_d        1/m * m_L^(a-1)     sigma/m              m_L^-a   (output-like)
+output (logits)    -          1                   sigma                1/m_d   logits x output_mult/m_d
+output (lr)        -          1/m_d               sigma/m_d            1       logits x output_mult
 norms, biases      -          1                   ones / zeros         1   no weight decay
 ================== ========== =================== ==================== ===============================
+
+Why these three rows differ from a plain "every matrix is hidden" reading (each is visible in the
+coordinate check, ``tools/mup_coord_check.py``, which tracks every module type):
+
+* **attention_out**: its fan-in is ``num_attention_heads x head_dim``, which need not be the hidden size
+  (moe-30b-a3b: 32 x 128 = 4096 against hidden 2048) nor scale with it. The base attention width is
+  ``base_num_attention_heads x base_head_dim`` (each defaulting to the model's own value).
+* **router**: its fan-out is the number of experts, which does not grow with width. Tensor Programs V
+  (Table 3) treats such a matrix as output-like: init variance ~ 1/fan_in^2 (std sigma/m_d), Adam LR
+  ~ 1/fan_in. Its gradient entries are O(1) in width (the gate's gradient sums the residual stream's
+  1/width-sized entries over width coordinates), so its Adam eps does not shrink with width. As a hidden
+  matrix (the first landing, and megatron's use_mup) its logits start O(1) at every width, so a wide
+  model's initial routing is as peaked as the base's instead of tending to uniform.
+* **eps of embedding and output (logit-scaled)**: under muP the gradient reaching the residual stream has
+  entries ~ 1/m_d, so the embedding rows' gradients shrink like 1/m_d, and so do the output matrix's
+  (its logits are multiplied by 1/m_d). Adam's eps must shrink with them or it damps their updates at
+  large width. (megatron's use_mup keeps base eps for both.) An LR-scaled head (``output_scaling=lr``)
+  has O(1) gradients and keeps base eps.
 
 ``L*`` is the base depth when depth scaling is on (the residual multiplier ``m_L^-a`` then carries the
 depth dependence, so the block init stays that of the base), else the model's depth: megatron's usual
@@ -50,7 +68,7 @@ d98e8a64ddf34856e74b24714e3bedb2f5a39553, core >= 0.17; tests/unit/test_mup.py r
 - ``megatron/core/optimizer/__init__.py::get_mup_config_overrides``: Adam hidden (2-D, non-embedding)
   params get ``max_lr``/``min_lr`` x 1/width_mult and ``eps`` x 1/width_mult; embedding-class and 1-D
   params keep base LR and eps. Same here when expert, dense-FFN and shared-expert widths scale with the
-  hidden size and depth is not scaled; the router is a hidden matrix in both.
+  hidden size and depth is not scaled (the router and the eps of embedding and output differ: below).
 - ``megatron/core/models/common/language_module/language_module.py::setup_embeddings_and_output_layer``
   marks the output layer ``is_embedding_parameter`` under use_mup: base LR/eps. Same as our default
   ``output_scaling=logits``.
@@ -67,7 +85,9 @@ Deliberate differences: (1) weight decay defaults to ``independent`` (megatron k
 ``weight_decay_rule: coupled`` to match); (2) expert/dense/shared down-projections use their own fan-in
 ratio (megatron uses width_mult everywhere); (3) depth scaling (residual multiplier, block LR and eps)
 which megatron's use_mup does not have; (4) ``output_mult`` is the base-shape logit multiplier and is
-divided by m_d, whereas a non-default ``mup_output_mult`` in megatron is absolute.
+divided by m_d, whereas a non-default ``mup_output_mult`` in megatron is absolute; (5) the router is
+output-like (megatron: hidden); (6) embedding and logit-scaled output eps x 1/m_d (megatron: base eps);
+(7) attention_out's fan-in is heads x head_dim (megatron: width_mult).
 """
 
 from __future__ import annotations
@@ -154,6 +174,7 @@ class MupConfig:
     base_shared_expert_hidden_size: int | None = None  # None: scales like the expert hidden size
     base_num_layers: int | None = None  # None: no depth scaling
     base_head_dim: int | None = None
+    base_num_attention_heads: int | None = None  # None: the model's; with base_head_dim, attention width
     attention_scale: str = "1/d"  # 1/d: sqrt(base_head_dim)/head_dim (muP) | sqrt: 1/sqrt(head_dim)
     output_scaling: str = "logits"  # logits: logits x output_mult/m_d, base LR | lr: LR x 1/m_d
     output_mult: float = 1.0  # logit multiplier at the base shape (tunable on the base)
@@ -170,6 +191,7 @@ class MupConfig:
             "base_shared_expert_hidden_size",
             "base_num_layers",
             "base_head_dim",
+            "base_num_attention_heads",
         ):
             v = getattr(self, name)
             if v is not None:
@@ -218,6 +240,7 @@ class MupTable:
     enabled: bool
     groups: tuple[GroupMult, ...]
     width_mult: float
+    attention_width_mult: float  # (heads x head_dim) / the base's: fan-in of attention_out
     ffn_width_mult: float
     expert_width_mult: float
     shared_expert_width_mult: float
@@ -305,7 +328,7 @@ class MupTable:
         """A fixed-width table for the start-up print."""
         head = (
             f"muP {'on' if self.enabled else 'off'}: width x{self.width_mult:g}, "
-            f"ffn x{self.ffn_width_mult:g}, "
+            f"attention x{self.attention_width_mult:g}, ffn x{self.ffn_width_mult:g}, "
             f"experts x{self.expert_width_mult:g}, shared x{self.shared_expert_width_mult:g}, "
             f"depth x{self.depth_mult:g}, head dim x{self.head_dim_mult:g}"
         )
@@ -387,11 +410,24 @@ def multiplier_table(
             f"mup.{base_field}={base} is larger than model.{what}={value}: "
             "the base shape must not exceed the model",
         )
+        require(
+            value % base == 0,
+            f"mup.{base_field}={base} does not divide model.{what}={value}: "
+            "the model must be a whole multiple of the base shape",
+        )
         return value / base
 
     m_d = ratio(model.hidden_size, mup.base_hidden_size, "hidden_size", "base_hidden_size", 1.0)
     m_L = ratio(model.num_layers, mup.base_num_layers, "num_layers", "base_num_layers", 1.0)
     m_h = ratio(model.head_dim, mup.base_head_dim, "head_dim (kv_channels)", "base_head_dim", 1.0)
+    m_heads = ratio(
+        model.num_attention_heads,
+        mup.base_num_attention_heads,
+        "num_attention_heads",
+        "base_num_attention_heads",
+        1.0,
+    )
+    m_a = m_h * m_heads  # attention width heads x head_dim, relative to the base's
     has_dense = not model.is_moe or model.first_k_dense > 0
     m_ff = (
         ratio(model.ffn_hidden_size, mup.base_ffn_hidden_size, "ffn_hidden_size", "base_ffn_hidden_size", m_d)
@@ -441,9 +477,13 @@ def multiplier_table(
         std = sigma / math.sqrt(fan_in) * (out_proj_scale if out_proj else 1.0)
         return _group(name, fan_in, lr, eps, std, sigma, "derived", note)
 
-    groups: list[GroupMult] = [_group("embedding", 1.0, 1.0, 1.0, sigma, sigma, "derived", "base LR (muP)")]
+    # Gradients of the embedding and of a logit-scaled head shrink like 1/m_d under muP: so does their eps.
+    small_grad_eps = 1.0 / m_d if mup.scale_eps else 1.0
+    groups: list[GroupMult] = [
+        _group("embedding", 1.0, 1.0, small_grad_eps, sigma, sigma, "derived", "base LR (muP)")
+    ]
     groups.append(hidden("attention_qkv", m_d, False, "fan-in hidden"))
-    groups.append(hidden("attention_out", m_d, True, "fan-in heads*head_dim, assumed to scale with hidden"))
+    groups.append(hidden("attention_out", m_a, True, "fan-in heads*head_dim"))
     if has_dense:
         groups.append(hidden("dense_mlp.fc1", m_d, False, "fan-in hidden"))
         groups.append(hidden("dense_mlp.fc2", m_ff, True, "fan-in ffn_hidden_size"))
@@ -453,15 +493,32 @@ def multiplier_table(
         if has_shared:
             groups.append(hidden("shared_experts.fc1", m_d, False, "fan-in hidden"))
             groups.append(hidden("shared_experts.fc2", m_s, True, "fan-in shared expert hidden size"))
-        groups.append(hidden("router", m_d, False, "fan-in hidden; a hidden matrix (as megatron)"))
+        # Output-like (fan-out = experts, fixed): Tensor Programs V Table 3, init std sigma/m, LR 1/m.
+        router_eps = depth_eps if mup.scale_eps else 1.0
+        groups.append(
+            _group(
+                "router",
+                m_d,
+                depth_lr / m_d,
+                router_eps,
+                sigma / m_d,
+                sigma,
+                "derived",
+                "output-like: fan-out experts",
+            )
+        )
     if model.tie_embeddings:
-        groups.append(_group("output", 1.0, 1.0, 1.0, sigma, sigma, "tied", "tied: the embedding's copy"))
+        groups.append(
+            _group("output", 1.0, 1.0, small_grad_eps, sigma, sigma, "tied", "tied: the embedding's copy")
+        )
         logit = mup.output_mult / m_d if on else 1.0
     elif on and mup.output_scaling == "lr":
         groups.append(_group("output", m_d, 1.0 / m_d, 1.0, sigma / m_d, sigma, "derived", "LR-scaled head"))
         logit = mup.output_mult
     else:
-        groups.append(_group("output", 1.0, 1.0, 1.0, sigma, sigma, "derived", "base LR, logits scaled"))
+        groups.append(
+            _group("output", 1.0, 1.0, small_grad_eps, sigma, sigma, "derived", "base LR, logits scaled")
+        )
         logit = mup.output_mult / m_d if on else 1.0
     groups.append(
         GroupMult(
@@ -474,7 +531,7 @@ def multiplier_table(
         notes.append("muP disabled: standard parameterisation; only optimizer.lr_mult overrides apply")
         groups = [dataclasses.replace(g, note=g.note if g.source == "tied" else "") for g in groups]
 
-    groups = _apply_overrides(groups, lr_mult_overrides, model, notes)
+    groups = _apply_overrides(groups, lr_mult_overrides, model)
     groups = [_with_decay(g, weight_decay, mup.weight_decay_rule if on else "coupled") for g in groups]
 
     if on and mup.attention_scale == "1/d":
@@ -494,6 +551,7 @@ def multiplier_table(
         enabled=on,
         groups=tuple(groups),
         width_mult=m_d,
+        attention_width_mult=m_a,
         ffn_width_mult=m_ff,
         expert_width_mult=m_e,
         shared_expert_width_mult=m_s,
@@ -531,10 +589,9 @@ def _group(
 
 
 def _apply_overrides(
-    groups: list[GroupMult], overrides: dict[str, float], model: ModelConfig, notes: list[str]
+    groups: list[GroupMult], overrides: dict[str, float], model: ModelConfig
 ) -> list[GroupMult]:
     """Explicit ``optimizer.lr_mult`` entries replace derived LR multipliers (a module or one group)."""
-    present = {g.name for g in groups}
     for key, value in (overrides or {}).items():
         require(
             _positive_number(value),
@@ -555,8 +612,11 @@ def _apply_overrides(
         targets = [g for g in groups if g.name == key or g.module == key]
         if key == "embedding" and model.tie_embeddings:
             targets += [g for g in groups if g.name == "output"]
-        if not targets and key not in present:
-            notes.append(f"optimizer.lr_mult.{key} ignored: this model has no {key}")
+        require(
+            bool(targets),
+            f"optimizer.lr_mult.{key}: this model has no {key} "
+            f"(its groups: {', '.join(g.name for g in groups)}); remove the entry",
+        )
         for g in targets:
             i = groups.index(g)
             groups[i] = dataclasses.replace(g, lr_mult=float(value), source="override")

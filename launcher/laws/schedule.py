@@ -5,10 +5,11 @@ global batch mid-run: the LR depends only on how many tokens have been consumed,
 :meth:`TokenSchedule.factor` returns a multiplier in [0, 1] that the LR callback applies to each
 parameter group's peak LR (the muP multipliers are folded into those peaks).
 
-Convention, the same as megatron-core's ``OptimizerParamScheduler``: the LR of a step is
-``factor(tokens consumed before that step)``; the first step sees ``factor(0)``. For the shapes both have,
-the values agree with megatron's scheduler when ``max_lr=1``, ``min_lr=min_ratio``, ``init_lr=init_ratio``
-and the boundaries are converted to steps (checked in tests/unit/test_schedule.py):
+Convention: the LR of a step is ``factor(tokens consumed after that step)`` (``callbacks/lr_schedule.py``),
+so the first step does not run at the warmup floor ``factor(0)`` and the last step of a decay sees its end
+value; megatron-core's ``OptimizerParamScheduler`` evaluates one step earlier. As functions, the values
+agree with megatron's scheduler for the shapes both have when ``max_lr=1``, ``min_lr=min_ratio``,
+``init_lr=init_ratio`` and the boundaries are converted to steps (checked in tests/unit/test_schedule.py):
 
 =================  ===========================================  ======================================
 shape              coefficient c(r), r = progress in [0, 1]      megatron-core name

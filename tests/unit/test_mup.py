@@ -12,7 +12,7 @@ from launcher.laws.mup import GROUPS, MODULES, MupConfig, group_of, module_of, m
 from launcher.recipe import ModelConfig
 
 HIDDEN = ("attention_qkv", "attention_out", "dense_mlp.fc1", "dense_mlp.fc2", "experts.fc1", "experts.fc2")
-HIDDEN += ("shared_experts.fc1", "shared_experts.fc2", "router")
+HIDDEN += ("shared_experts.fc1", "shared_experts.fc2")
 OUT_PROJ = ("attention_out", "dense_mlp.fc2", "experts.fc2", "shared_experts.fc2")
 
 
@@ -79,6 +79,13 @@ def test_hidden_matrices_scale_as_one_over_width(k: int) -> None:
     for name in ("embedding", "output", "norms"):
         assert t[name].lr_mult == 1.0, name
     assert t["embedding"].init_std == t["output"].init_std == m.init_method_std
+    # Their gradients shrink like 1/width (logits x 1/k; the residual stream's gradient ~ 1/k): so does eps.
+    assert t["embedding"].eps_mult == t["output"].eps_mult == pytest.approx(1 / k)
+    assert t["norms"].eps_mult == 1.0
+    # The router is output-like (fan-out = 4 experts at every width): init sigma/k, LR 1/k, eps 1.
+    router = t["router"]
+    assert (router.lr_mult, router.eps_mult) == (pytest.approx(1 / k), 1.0)
+    assert router.init_std == pytest.approx(m.init_method_std / k)
     assert t.output_logit_mult == pytest.approx(1 / k)
     assert t.softmax_scale == pytest.approx(math.sqrt(16) / (16 * k))  # 4 heads: head dim 16k, 1/d
     assert table(m, output_mult=2.0).output_logit_mult == pytest.approx(2.0 / k)
@@ -96,6 +103,24 @@ def test_expert_down_projection_scales_with_the_expert_hidden_size() -> None:
     assert t["experts.fc2"].init_std == pytest.approx(table(model())["experts.fc2"].init_std / 2)
 
 
+def test_attention_out_fan_in_is_heads_times_head_dim() -> None:
+    # moe-30b-a3b's attention: 32 heads x 128 = 4096 wide on a 2048 hidden. A base of hidden 512 with
+    # 32 heads x 64 doubles the attention width but quadruples the hidden size.
+    m = ModelConfig(hidden_size=2048, num_attention_heads=32, kv_channels=128, num_layers=2, num_experts=0)
+    t = multiplier_table(m, MupConfig(enabled=True, base_hidden_size=512, base_head_dim=64), {}, 0.1)
+    assert (t.width_mult, t.attention_width_mult) == (4, 2)
+    assert t["attention_qkv"].lr_mult == pytest.approx(1 / 4)  # fan-in: hidden
+    assert t["attention_out"].lr_mult == pytest.approx(1 / 2)  # fan-in: 32 x 128 against 32 x 64
+    # Fewer heads in the base: 8 x 128 = 1024 -> 4096 is 4x.
+    t = multiplier_table(
+        m,
+        MupConfig(enabled=True, base_hidden_size=512, base_num_attention_heads=8, base_head_dim=128),
+        {},
+        0.1,
+    )
+    assert t.attention_width_mult == 4 and t["attention_out"].lr_mult == pytest.approx(1 / 4)
+
+
 def test_unset_base_sizes_follow_the_hidden_ratio() -> None:
     t = multiplier_table(model(width=4, expert=4), MupConfig(enabled=True, base_hidden_size=64), {}, 0.1)
     assert t.ffn_width_mult == t.expert_width_mult == t.shared_expert_width_mult == 4
@@ -111,6 +136,8 @@ def test_depth_residual_multiplier_and_block_lr(alpha: float) -> None:
     for name in HIDDEN:
         assert t[name].lr_mult == pytest.approx(0.5 * 4 ** (alpha - 1)), name
         assert t[name].eps_mult == pytest.approx(0.5 * 4**-alpha), name
+    assert t["router"].lr_mult == pytest.approx(0.5 * 4 ** (alpha - 1))  # a block matrix
+    assert t["router"].eps_mult == pytest.approx(4**-alpha)  # O(1) gradients in width
     # Output projections keep the base depth's init; the residual multiplier carries the depth scaling.
     assert t["attention_out"].init_std == pytest.approx(m.init_method_std / math.sqrt(2 * 4) / math.sqrt(2))
     for name in ("embedding", "output", "norms"):
@@ -311,6 +338,12 @@ def test_table_agrees_with_megatron_main_mup(k: int) -> None:
         ndim = 1 if ("layernorm" in name or name.endswith(".bias")) else 2
         lr, eps, std = _megatron_main_rule(name, ndim, k, m.init_method_std, m.num_layers)
         g = t.group_for(name)
+        # ramp's deliberate differences (laws/mup.py docstring): the router is output-like (init
+        # sigma/k; same LR and eps as megatron only at k = 1); embedding and output eps x 1/k.
+        if group_of(name) == "router":
+            lr, eps, std = lr, 1.0, m.init_method_std / k
+        elif group_of(name) in ("embedding", "output"):
+            eps = 1.0 / k
         assert (g.lr_mult, g.eps_mult) == (pytest.approx(lr), pytest.approx(eps)), name
         if g.init_std is not None:
             assert g.init_std == pytest.approx(std), name
@@ -338,6 +371,29 @@ def test_base_shape_larger_than_the_model_is_refused(kw: dict, match: str) -> No
     with pytest.raises(RampError, match=match) as e:
         table(model(), **kw)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(base_hidden_size=48), r"mup.base_hidden_size=48 does not divide model.hidden_size=64"),
+        (dict(base_moe_ffn_hidden_size=24), r"mup.base_moe_ffn_hidden_size=24 does not divide"),
+        (dict(base_num_layers=3), r"mup.base_num_layers=3 does not divide model.num_layers=4"),
+        (dict(base_num_attention_heads=3), r"mup.base_num_attention_heads=3 does not divide"),
+    ],
+)
+def test_base_shape_that_does_not_divide_the_model_is_refused(kw: dict, match: str) -> None:
+    with pytest.raises(RampError, match=match) as e:
+        table(model(), **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_multiplier_for_a_module_the_model_lacks_is_refused() -> None:
+    no_shared = ModelConfig(hidden_size=64, num_attention_heads=4, num_layers=2, num_experts=4)
+    with pytest.raises(
+        RampError, match=r"optimizer.lr_mult.shared_experts: this model has no shared_experts"
+    ):
+        multiplier_table(no_shared, MupConfig(enabled=False), {"shared_experts": 0.5}, 0.1)
 
 
 @pytest.mark.parametrize(
