@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         "--depth", type=int, default=4, help="layers of the depth arm at the base width (0: none)"
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the muP arms")
-    ap.add_argument("--standard-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--standard-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--lr-min", type=float, default=5e-4)
-    ap.add_argument("--lr-max", type=float, default=3.2e-2)
-    ap.add_argument("--points", type=int, default=7, help="log-spaced LRs from --lr-min to --lr-max")
+    ap.add_argument("--lr-max", type=float, default=1.6e-2)
+    ap.add_argument("--points", type=int, default=6, help="log-spaced LRs from --lr-min to --lr-max")
     ap.add_argument("--steps", type=int, default=240, help="optimizer steps per run (16 x 128 tokens each)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--cache", type=Path, default=RESULTS / "lr_transfer_runs")
@@ -208,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
         for w in widths:
             for par in PARAMETRISATIONS:
-                wanted = seed in (args.standard_seeds if par == "standard" else args.seeds)
-                if wanted and not (w == base and par == "mup"):
+                if w == base:  # one run, labelled standard, for either parameterisation's seeds
+                    wanted = par == "standard"
+                else:
+                    wanted = seed in (args.standard_seeds if par == "standard" else args.seeds)
+                if wanted:
                     plan += [(par, w, BASE_LAYERS, seed, lr) for lr in lrs]
     if args.depth:
         for seed in args.seeds:

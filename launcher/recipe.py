@@ -8,6 +8,7 @@ Quantities that depend on the world size (DP size, micro-batches, steps) are der
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -543,6 +544,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         )
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-8 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         require(
             isinstance(value, (int, float)) and not isinstance(value, bool),
             f"{where}={value!r}: expected a number",

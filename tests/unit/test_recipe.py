@@ -31,6 +31,12 @@ def test_overrides_and_suffixes():
     assert r.parallel.sequence_parallel is True  # derived: MoE with TP needs sequence parallel
 
 
+def test_exponent_numbers_without_a_dot_are_numbers():
+    # YAML 1.1 reads 1e-8 as a string; a float field takes it as the number it is.
+    r = recipe.load("moe-tiny", ["optimizer.adam_eps=1e-8", "optimizer.lr=3E-4"])
+    assert (r.optimizer.adam_eps, r.optimizer.lr) == (1e-8, 3e-4)
+
+
 def test_set_replaces_the_alternatives_a_recipe_gave():
     # moe-tiny gives train_tokens and decay.start_frac; setting the other form replaces them.
     r = recipe.load("moe-tiny", ["training.train_steps=7", "schedule.decay.start_tokens=1000"])
@@ -81,6 +87,8 @@ BAD = [
     (["schedule.style=linearr"], 1, ["schedule.style", "wsd"]),
     (["model.moe_router_topk=9"], 1, ["moe_router_topk=9", "1..8"]),
     (["training.eval_samples=100"], 2, ["eval_samples=100", "multiple of 16"]),
+    (["mup.base_hidden_size=96", "mup.enabled=true"], 1, ["mup.base_hidden_size=96", "hidden_size=128"]),
+    (["optimizer.lr_mult={shared_experts: 0.5}"], 1, ["lr_mult.shared_experts", "no shared_experts"]),
 ]
 
 

@@ -183,14 +183,28 @@ def test_same_factor_at_same_tokens_whatever_the_batch() -> None:
     total = 4_096 * 100
     a = resolve_schedule(cfg, total, 4_096, 4_096 * 5)
     b = resolve_schedule(cfg, total, 4_096 * 4, 4_096 * 5)
-    assert a == b
+    # Boundaries in tokens whatever the batch: warmup 20,480; decay from 60% of 409,600 = 245,760 over
+    # 122,880 tokens to 368,640 (by hand).
+    for s in (a, b):
+        assert (s.warmup_tokens, s.decay_start, s.decay_end) == (20_480, 245_760, 368_640)
+
     # A batch ramp (1x, 2x, 4x tokens per step) visits token counts the fixed batch never sees between its
-    # steps; the factor at each of them is the same function of tokens.
+    # steps; the factor at each is the WSD shape written out independently here (init 0, min 0.1).
+    def by_hand(t: int) -> float:
+        if t <= 20_480:
+            return t / 20_480
+        if t <= 245_760:
+            return 1.0
+        return 0.1 + 0.9 * (1.0 - math.sqrt(min((t - 245_760) / 122_880, 1.0)))
+
     consumed, seen = 0, []
-    for per_step in [4_096] * 20 + [8_192] * 20 + [16_384] * 15:
+    for per_step in [4_096] * 20 + [8_192] * 20 + [16_384] * 10:
         seen.append(consumed)
         consumed += per_step
-    assert [a.factor(t) for t in seen] == [b.factor(t) for t in seen]
+    assert consumed == 409_600
+    for s in (a, b):
+        for t in seen:
+            assert s.factor(t) == pytest.approx(by_hand(t), abs=1e-12), t
     # Steps, by contrast, are converted with the tokens per step given at resolve time.
     s = ScheduleConfig(decay=DecayConfig(start_steps=10))
     assert resolve_schedule(s, total, 4_096, 0).decay_start == 40_960
