@@ -313,9 +313,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"note: {note}")
                 for par, runs in groups.items():
                     targets = resolve_targets(args.targets, runs)
-                    fits[par] = fit_sweep_runs(
-                        runs, targets, args.min_frac, args.fix_a, args.fix_b, n_kind, neighbours
-                    )
+                    try:
+                        fits[par] = fit_sweep_runs(
+                            runs, targets, args.min_frac, args.fix_a, args.fix_b, n_kind, neighbours
+                        )
+                    except RampError as e:
+                        hint = (
+                            ""
+                            if any(len(r.stable) >= 3 for r in runs)
+                            else " (no run has a val_curve with 3+ stable-phase points: each gives its"
+                            " final loss at its own D only)"
+                        )
+                        raise RampError(f"{par}: {e}{hint}") from None
             else:
                 fits["sweep"] = fit_sweep(read_sweep(path), args.fix_a, args.fix_b, n_kind, neighbours)
             for label, fit in fits.items():

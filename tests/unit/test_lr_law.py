@@ -421,7 +421,7 @@ def test_cli_without_val_curve_uses_final_losses_only(tmp_path, capsys) -> None:
     # One budget only: the D exponent cannot be fitted, and the error says how to proceed.
     assert main([str(runs), "--no-prior"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--fix-b" in err
+    assert err.count("\n") == 1 and "--fix-b" in err and "no run has a val_curve" in err
     out_json = tmp_path / "law.json"
     assert main([str(runs), "--fix-b", str(TRUE["b"]), "--no-prior", "--json", str(out_json)]) == 0
     assert "final loss only" in capsys.readouterr().out
