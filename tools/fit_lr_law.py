@@ -12,7 +12,8 @@ fixed validation set, after the WSD decay; NaN when the run diverged), ``tokens`
 and ``overrides`` (the run's ``--set KEY=VALUE`` list, applied to ``--base-recipe``), and optionally
 ``seed`` and ``val_curve``: ``[tokens, val_loss]`` pairs measured along the run on the same validation
 set. Under WSD every pair but the last is a *stable-phase* loss (measured at the peak LR, before the
-decay); the last is the final, decayed loss. Per run:
+decay); the last is the final, decayed loss. Pairs measured after the decay started (by the run's own
+schedule, rebuilt from its overrides) are not stable-phase losses and are left out. Per run:
 
 1. ``L(D) = L0 + A D^-gamma`` is fitted to the stable-phase points from ``--min-frac`` of the run on
    (robust, bounded, multi-start; R^2 and RMSE printed per run), and the run's decay gain (that curve at
@@ -113,6 +114,7 @@ def load_runs(
     widths: dict[str, dict[int, list[SweepRun]]] = {p: {} for p in PARAMETRISATIONS}
     base_widths: set[int] = set()
     seen: dict[tuple, Path] = {}
+    notes: list[str] = []
     for path in files:
         try:
             run = json.loads(path.read_text())
@@ -141,7 +143,14 @@ def load_runs(
             all(isinstance(p, (list, tuple)) and len(p) == 2 for p in curve),
             f"{path}: val_curve must be a list of [tokens, val_loss] pairs",
         )
-        stable = tuple((float(t), float(v)) for t, v in curve[:-1])  # the last pair is after the decay
+        # The last pair is after the decay; of the others keep those measured before the decay started
+        # (an evaluation inside the decay window is not a stable-phase loss).
+        decay_start = _decay_start(r)
+        stable = tuple((float(t), float(v)) for t, v in curve[:-1] if float(t) <= decay_start)
+        if len(stable) < len(curve) - 1:
+            notes.append(
+                f"{path.name}: {len(curve) - 1 - len(stable)} val_curve point(s) inside the decay left out"
+            )
         seed = run.get("seed")
         key = (par, rec["N"], float(run["lr"]), seed, float(run["tokens"]))
         require(
@@ -162,7 +171,6 @@ def load_runs(
         widths[par].setdefault(int(run["width"]), []).append(sweep_run)
         if par == "mup" and r.mup.base_hidden_size is not None:
             base_widths.add(int(r.mup.base_hidden_size))
-    notes = []
     if share_base:
         for w in sorted(base_widths):
             shared = widths["standard"].get(w, [])
@@ -170,6 +178,14 @@ def load_runs(
                 groups["mup"] += shared
                 notes.append(f"muP at its base width {w}: the {len(shared)} standard runs there (same model)")
     return {p: runs for p, runs in groups.items() if runs}, notes
+
+
+def _decay_start(r: Any) -> float:
+    """Tokens at which the run's LR decay starts (its stable phase ends), from its own schedule."""
+    from launcher.laws.schedule import resolve_schedule
+
+    d = r.derive(world_size=r.parallel.model_parallel_size)  # one data-parallel rank: same token counts
+    return float(resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens).decay_start)
 
 
 def resolve_targets(specs: list[str], runs: list[SweepRun]) -> list[float]:

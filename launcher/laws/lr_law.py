@@ -403,7 +403,7 @@ def extrapolate_run(run: SweepRun, targets: Sequence[float], min_frac: float = 0
         note = f"{len(pts)} usable stable-phase points (3 needed): final loss only, at its own D"
         return RunFit(run, None, {float(run.tokens): run.final_loss}, note)
     fit = fit_loss_curve([t for t, _ in pts], [lo for _, lo in pts], label=run.name)
-    fit = DataFit(**{**fit.__dict__, "decay_gain": float(fit.predict(run.tokens)) - run.final_loss})
+    fit = dataclasses.replace(fit, decay_gain=float(fit.predict(run.tokens)) - run.final_loss)
     losses = {float(D): float(fit.predict_decayed(D)) for D in targets}
     return RunFit(run, fit, losses, fit.note)
 

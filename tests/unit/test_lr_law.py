@@ -349,7 +349,8 @@ def run_file(par: str, width: int, lr: float, seed: int, rng, curve: bool = True
         f"training.train_steps={STEPS}",
         f"training.seed={seed}",
     ]
-    evals = [t * 16 * 128 for t in range(100, STEPS, 75)]  # every 75 steps from step 100: stable phase
+    # Every 50 steps from step 100 to 800, where moe-tiny's decay (the last 20%) starts: stable phase.
+    evals = [t * 16 * 128 for t in range(100, 801, 50)]
     final = decayed_loss(n, hidden, TOKENS) + rng.normal(0, 1e-3)
     out = {
         "val_loss": final,
@@ -366,7 +367,9 @@ def run_file(par: str, width: int, lr: float, seed: int, rng, curve: bool = True
     }
     if curve:
         stable = [decayed_loss(n, hidden, t) + decay_gain(n, hidden) + rng.normal(0, 1e-3) for t in evals]
-        out["val_curve"] = [[t, v] for t, v in zip(evals, stable)] + [[TOKENS, final]]
+        # An evaluation inside the decay (step 900) is not a stable-phase loss: the tool leaves it out.
+        mid_decay = [900 * 16 * 128, final + 0.01]
+        out["val_curve"] = [[t, v] for t, v in zip(evals, stable)] + [mid_decay, [TOKENS, final]]
     return out
 
 
@@ -395,6 +398,7 @@ def test_cli_fits_the_transfer_sweeps_run_cache(tmp_path, capsys) -> None:
     assert main([str(runs), "--recipe", str(recipe), "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "muP at its base width 64: the 7 standard runs there" in text
+    assert "1 val_curve point(s) inside the decay left out" in text
     assert "hold-out: refitted without N=1.313e+06" in text and "prior:" in text
     data = json.loads(out_json.read_text())
     for par in ("standard", "mup"):
