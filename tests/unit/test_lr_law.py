@@ -188,11 +188,10 @@ def test_one_sweep_per_n_recovers_the_law_by_extrapolation() -> None:
     # Reading the stable-phase losses as if they were final losses misses the optimum: the decay gain
     # grows with the LR, so the stable-phase optimum sits ln(1.5)/(2 MU) = 0.47 lower in ln lr.
     runs = synthetic_runs(NS[:4], tokens, 0)
-    as_final = [
-        SweepRun(r.N, r.lr, r.tokens, r.stable[-1][1] - 0.0, r.stable[:-1]) for r in runs
-    ]  # last stable point taken as the run's end, with no decay gain
-    wrong = fit_sweep_runs(as_final, targets, neighbours=2)
-    assert wrong.law.predict(1e8, 4e9) < 0.8 * 2.757e-4
+    # Each run cut at its last stable-phase point, taken as its end: no decay gain to subtract.
+    no_decay = [SweepRun(r.N, r.lr, r.stable[-1][0], r.stable[-1][1], r.stable[:-1]) for r in runs]
+    wrong = fit_sweep_runs(no_decay, targets, neighbours=2)
+    assert wrong.law.predict(1e8, 4e9) < 0.8 * 2.757e-4  # exp(-0.47) = 0.63 of the truth
 
 
 def test_power_law_recovers_c_a_b_from_final_losses() -> None:
@@ -454,3 +453,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert main([str(runs)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a.json" in err and "val_loss, tokens, overrides" in err
+    # The same run twice (same parametrisation, N, lr, seed and tokens): refused, both files named.
+    write_sweep(tmp_path / "twice")
+    first = sorted((tmp_path / "twice").glob("*.json"))[0]
+    (tmp_path / "twice" / "copy.json").write_text(first.read_text())
+    assert main([str(tmp_path / "twice"), "--no-prior"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "copy.json" in err and first.name in err and "--glob" in err
