@@ -194,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="with --report-only: report the runs of this code version (default: the current code's)",
     )
+    ap.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="K",
+        help="retrain the K cheapest reported runs with the current code and compare their losses exactly "
+        "(for runs of an older --code-version)",
+    )
     args = ap.parse_args(argv)
     widths = sorted(args.widths)
     base = widths[0]
@@ -202,18 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     current = code_version()
     version = args.code_version or current
 
-    # Runs to do, most important first (seed 0 across widths), the base shape once per seed (shared by
-    # both parameterisations).
+    # Runs to do, most important first: seed by seed, the base shape (one run per LR, shared by both
+    # parameterisations), then the wider models with the LRs from the middle of the grid outwards, so a
+    # sweep cut short still brackets the optima it found.
+    middle_out = sorted(range(len(lrs)), key=lambda i: abs(i - (len(lrs) - 1) / 2))
     plan: list[Key] = []
     for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
-        for w in widths:
-            for par in PARAMETRISATIONS:
-                if w == base:  # one run, labelled standard, for either parameterisation's seeds
-                    wanted = par == "standard"
-                else:
-                    wanted = seed in (args.standard_seeds if par == "standard" else args.seeds)
-                if wanted:
-                    plan += [(par, w, BASE_LAYERS, seed, lr) for lr in lrs]
+        plan += [("standard", base, BASE_LAYERS, seed, lr) for lr in lrs]
+        for i in middle_out:
+            for w in widths[1:]:
+                for par in PARAMETRISATIONS:
+                    if seed in (args.standard_seeds if par == "standard" else args.seeds):
+                        plan.append((par, w, BASE_LAYERS, seed, lrs[i]))
     if args.depth:
         for seed in args.seeds:
             plan += [("mup", base, args.depth, seed, lr) for lr in lrs]
@@ -247,10 +255,36 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(time.perf_counter() - t_start) / 60:.1f} min so far) {res['note']}",
                 flush=True,
             )
+    verified = verify(runs, args.verify, current) if args.verify else None
     for (par, w, layers, seed, lr), res in list(runs.items()):  # the base shape stands for both
         if par == "standard" and w == base and layers == BASE_LAYERS:
             runs.setdefault(("mup", w, layers, seed, lr), res)
-    return report(runs, widths, lrs, args, version, current)
+    return report(runs, widths, lrs, args, version, current, verified)
+
+
+def verify(runs: dict, k: int, current: str) -> dict:
+    """Retrain the ``k`` cheapest runs with the current code: are their validation curves bitwise the same?"""
+    picked = sorted(runs.values(), key=lambda r: r.get("seconds", math.inf))[:k]
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="ramp-lr-verify-") as tmp:
+        for n, old in enumerate(picked):
+            steps = int(
+                next(s.split("=")[1] for s in old["overrides"] if s.startswith("training.train_steps="))
+            )
+            new = train_one(old["overrides"], steps, Path(tmp) / f"verify{n}")
+            same = new["val_curve"] == old["val_curve"]
+            checks.append(
+                {
+                    "run": f"{old['parametrisation']} w{old['width']} L{old['layers']} seed {old['seed']} "
+                    f"lr {old['lr']:g}",
+                    "identical": same,
+                    "val_loss": [old["val_loss"], new["val_loss"]],
+                }
+            )
+            print(
+                f"verify {checks[-1]['run']}: {'identical' if same else 'DIFFERENT'} {checks[-1]['val_loss']}"
+            )
+    return {"code_version": current, "runs": checks, "identical": all(c["identical"] for c in checks)}
 
 
 def _mean_curve(runs: dict, par: str, w: int, layers: int, seeds: list[int], lrs: list[float]) -> list[float]:
@@ -306,7 +340,9 @@ def _shift(by_shape: dict, labels: list[str], field: str = "lr_star") -> float:
     return max(vals) / min(vals) if ok else math.nan
 
 
-def report(runs: dict, widths: list[int], lrs: list[float], args, version: str, current: str) -> int:
+def report(
+    runs: dict, widths: list[int], lrs: list[float], args, version: str, current: str, verified: dict | None
+) -> int:
     seeds = {"standard": sorted(args.standard_seeds), "mup": sorted(args.seeds)}
     width_labels = [str(w) for w in widths]
     arm = _arm(runs, [(w, BASE_LAYERS) for w in widths], seeds, lrs)
@@ -406,6 +442,8 @@ def report(runs: dict, widths: list[int], lrs: list[float], args, version: str, 
         "tokens_per_run": tokens,
         "code_version": version,
         "code_version_is_current": version == current,
+        # runs of an older code version retrained with the current code (--verify): same losses, bitwise?
+        "verified_with_current_code": verified,
         "setup": {
             "overrides": RUN_SETS + args.sets,
             "family": "hidden = width, 4 heads, expert hidden = width, 2 layers, base shape = smallest width",
