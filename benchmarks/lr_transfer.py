@@ -211,50 +211,60 @@ def main(argv: list[str] | None = None) -> int:
     version = args.code_version or current
 
     # Runs to do, most important first: seed by seed, the base shape (one run per LR, shared by both
-    # parameterisations), then the wider models with the LRs from the middle of the grid outwards, so a
-    # sweep cut short still brackets the optima it found.
-    middle_out = sorted(range(len(lrs)), key=lambda i: abs(i - (len(lrs) - 1) / 2))
-    plan: list[Key] = []
-    for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
-        plan += [("standard", base, BASE_LAYERS, seed, lr) for lr in lrs]
-        for i in middle_out:
-            for w in widths[1:]:
-                for par in PARAMETRISATIONS:
-                    if seed in (args.standard_seeds if par == "standard" else args.seeds):
-                        plan.append((par, w, BASE_LAYERS, seed, lrs[i]))
-    if args.depth:
-        for seed in args.seeds:
-            plan += [("mup", base, args.depth, seed, lr) for lr in lrs]
+    # parameterisations), then the wider models with the LRs nearest the base shape's best first (lower
+    # first on a tie), so a sweep cut short still brackets the optima near where muP puts them.
     runs: dict[Key, dict] = {}
     t_start = time.perf_counter()
+    done = 0
+
+    def run(key: Key, tmp: str) -> None:
+        nonlocal done
+        par, w, layers, seed, lr = key
+        sets = run_sets(par, w, layers, base, lr, seed, args.steps, args.sets)
+        path = args.cache / f"{par}-w{w}-L{layers}-s{seed}-lr{lr:g}-{run_key(sets, version)}.json"
+        if path.exists():
+            runs[key] = json.loads(path.read_text())
+            return
+        if args.report_only:
+            return
+        res = train_one(sets, args.steps, Path(tmp) / path.stem)
+        res.update(
+            parametrisation=par,
+            width=w,
+            layers=layers,
+            seed=seed,
+            lr=lr,
+            code_version=version,
+            overrides=sets,
+        )
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        runs[key] = res
+        done += 1
+        print(
+            f"[{done} trained] {par:<8} width {w:>4} L{layers} seed {seed} lr {lr:<8g} "
+            f"val {res['val_loss']:.4f} ({res['seconds']:.0f}s, "
+            f"{(time.perf_counter() - t_start) / 60:.1f} min so far) {res['note']}",
+            flush=True,
+        )
+
     with tempfile.TemporaryDirectory(prefix="ramp-lr-transfer-") as tmp:
-        for n, key in enumerate(plan, 1):
-            par, w, layers, seed, lr = key
-            sets = run_sets(par, w, layers, base, lr, seed, args.steps, args.sets)
-            path = args.cache / f"{par}-w{w}-L{layers}-s{seed}-lr{lr:g}-{run_key(sets, version)}.json"
-            if path.exists():
-                runs[key] = json.loads(path.read_text())
-                continue
-            if args.report_only:
-                continue
-            res = train_one(sets, args.steps, Path(tmp) / path.stem)
-            res.update(
-                parametrisation=par,
-                width=w,
-                layers=layers,
-                seed=seed,
-                lr=lr,
-                code_version=version,
-                overrides=sets,
-            )
-            path.write_text(json.dumps(res, indent=2) + "\n")
-            runs[key] = res
-            print(
-                f"[{n}/{len(plan)}] {par:<8} width {w:>4} L{layers} seed {seed} lr {lr:<8g} "
-                f"val {res['val_loss']:.4f} ({res['seconds']:.0f}s, "
-                f"{(time.perf_counter() - t_start) / 60:.1f} min so far) {res['note']}",
-                flush=True,
-            )
+        for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
+            for lr in lrs:
+                run(("standard", base, BASE_LAYERS, seed, lr), tmp)
+            base_losses = [
+                runs.get(("standard", base, BASE_LAYERS, seed, lr), {}).get("val_loss") for lr in lrs
+            ]
+            finite = [i for i, v in enumerate(base_losses) if v is not None and math.isfinite(v)]
+            best = min(finite, key=lambda i: base_losses[i]) if finite else (len(lrs) - 1) // 2
+            for i in sorted(range(len(lrs)), key=lambda i: (abs(i - best), i)):
+                for w in widths[1:]:
+                    for par in PARAMETRISATIONS:
+                        if seed in (args.standard_seeds if par == "standard" else args.seeds):
+                            run((par, w, BASE_LAYERS, seed, lrs[i]), tmp)
+        if args.depth:
+            for seed in args.seeds:
+                for lr in lrs:
+                    run(("mup", base, args.depth, seed, lr), tmp)
     verified = verify(runs, args.verify, current) if args.verify else None
     for (par, w, layers, seed, lr), res in list(runs.items()):  # the base shape stands for both
         if par == "standard" and w == base and layers == BASE_LAYERS:
