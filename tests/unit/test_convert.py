@@ -320,7 +320,9 @@ def test_mup_multipliers_fold_into_the_weights(sets, sp_model, tmp_path):
     back = tmp_path / "back"
     assert cc.main(["to-hf", str(tmp_path / "mup"), str(back), "--tokenizer", str(sp_model)]) == 0
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] is tied
-    for name, t in _tensors(back).items():
+    round_trip = _tensors(back)
+    assert sorted(round_trip) == sorted(ramp)
+    for name, t in round_trip.items():
         torch.testing.assert_close(t, exported[name], rtol=1e-6, atol=0, msg=name)
     sp = tmp_path / "standard"
     assert cc.main(["from-hf", str(src), str(sp), "--recipe", "moe-tiny", *_sets(mup), "--set",
@@ -333,9 +335,9 @@ def test_run_directory_tokenizer_copy_is_read_first(sp_model, tmp_path):
     """The copy beside config.yaml wins over the recipe's path, which may be relative to elsewhere."""
     r = recipe.load("moe-tiny", ["data.cache_dir=nowhere/relative"])
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_0000001").mkdir(parents=True)
-    r.dump(run / "config.yaml")
     step = run / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    r.dump(run / "config.yaml")
     with pytest.raises(RampError, match="--tokenizer"):
         cc.find_tokenizer(r, None, cc.run_dir_of(step, step))
     (run / "tokenizer.model").write_bytes(sp_model.read_bytes())
