@@ -12,7 +12,14 @@ embeddings. Two transformers architectures compute exactly that:
 * **Mixtral** without qk-norm, when every layer is MoE and the top-k probabilities are renormalised.
 
 Anything else is refused with the reason (a shared expert: megatron's is ungated here, Qwen2-MoE's has a
-sigmoid gate; muP's forward multipliers: no transformers model has them; a dense model).
+sigmoid gate; a dense model).
+
+muP models convert at any width: no transformers model applies muP's forward multipliers, but each is a
+positive scalar on a linear map's output, so to-hf folds it into that weight (:class:`Fold`) and the
+export is a plain model computing the same logits. from-hf divides the multipliers of the recipe it is
+given back out: with the muP recipe that trained the model it gives the muP checkpoint back (to within a
+rounding per weight); with ``mup.enabled=false`` (or any recipe whose multipliers are 1) it gives a
+standard-parameterisation checkpoint of the same model, the weights exactly as exported.
 
 Tensors are mapped one ramp tensor (or one expert of it) at a time, so conversion streams: a
 :class:`Piece` names the torch_dist global key, the expert index when the tensor stacks experts, and the
@@ -53,7 +60,6 @@ def architecture(recipe: Recipe) -> str:
         "architecture matches an ungated shared expert with a softmax top-k router and standard attention "
         "(Qwen2-MoE gates its shared expert with a sigmoid); no exact conversion",
     )
-    _require_standard_forward(recipe)
     if m.qk_layernorm:
         return "qwen3_moe"
     require(
@@ -65,28 +71,46 @@ def architecture(recipe: Recipe) -> str:
     return "mixtral"
 
 
-def _require_standard_forward(recipe: Recipe) -> None:
-    """muP multiplies the embedding, branches and logits in the forward pass: no transformers model does."""
+@dataclass(frozen=True)
+class Fold:
+    """muP's forward multipliers as factors on transformers tensors (``transformers = ramp x factor``).
+
+    ramp applies them in the forward pass (launcher/parametrization.py hooks and the config's softmax
+    scale); each is a positive scalar on the output of a linear map or a norm gain, so it moves exactly
+    into that weight: ``embedding`` (embedding output), ``residual`` (every attention and MLP branch:
+    o_proj and each down projection, experts included), ``logits`` (the head; with tied embeddings the
+    final norm gain carries ``logits / embedding``, since the tied matrix already carries ``embedding``)
+    and ``query`` (ramp's softmax scale over the 1/sqrt(head_dim) transformers uses: the q projection
+    rows, or the q-norm gain when qk-norm follows the projection). All 1 under the standard
+    parameterisation and at the muP base shape.
+    """
+
+    embedding: float = 1.0
+    residual: float = 1.0
+    logits: float = 1.0
+    query: float = 1.0
+
+
+def fold(recipe: Recipe) -> Fold:
+    """The factors that put ``recipe``'s muP forward multipliers into the weights (all 1 without muP)."""
     if not recipe.mup.enabled:
-        return
+        return Fold()
     from launcher.laws.mup import multiplier_table
 
     t = multiplier_table(recipe.model, recipe.mup, recipe.optimizer.lr_mult, recipe.optimizer.weight_decay)
-    odd = [
-        f"{name}={value:g}"
-        for name, value in (
-            ("residual_mult", t.residual_mult),
-            ("output_logit_mult", t.output_logit_mult),
-            ("embedding_mult", t.embedding_mult),
-        )
-        if value != 1.0
-    ]
-    if not math.isclose(t.softmax_scale, 1.0 / math.sqrt(recipe.model.head_dim), rel_tol=1e-9):
-        odd.append(f"softmax_scale={t.softmax_scale:g} (not 1/sqrt(head_dim))")
-    require(
-        not odd,
-        f"mup.enabled with forward multipliers {', '.join(odd)}: no transformers architecture applies them; "
-        "only a model at its muP base shape (all multipliers 1) converts exactly",
+    # All positive (mup.output_mult and mup.embedding_mult are validated so), so from-hf can divide. megatron
+    # runs at 1/sqrt(head_dim) when the table's scale equals it (launcher/model.py): snap rounding-level
+    # ratios to 1 so the base shape converts bit for bit.
+    return Fold(
+        **{
+            name: 1.0 if math.isclose(value, 1.0, rel_tol=1e-9) else value
+            for name, value in (
+                ("embedding", t.embedding_mult),
+                ("residual", t.residual_mult),
+                ("logits", t.output_logit_mult),
+                ("query", t.softmax_scale * math.sqrt(recipe.model.head_dim)),
+            )
+        }
     )
 
 
@@ -251,6 +275,7 @@ class Piece:
 
     ``kind``: ``copy`` (same tensor), ``qkv`` (per-query-group [q; k; v] rows <-> q, k, v), ``glu``
     ([gate; up] rows <-> gate, up). ``keys``: the torch_dist key and its aliases in other layer specs.
+    ``scales``: per transformers tensor, the muP factor folded into it (:class:`Fold`); empty: all 1.
     """
 
     keys: tuple[str, ...]
@@ -260,6 +285,7 @@ class Piece:
     expert: int | None = None
     num_experts: int = 0
     qkv_rows: tuple[int, int, int] = (0, 0, 0)  # rows of q, k, v for kind qkv
+    scales: tuple[float, ...] = ()
 
     @property
     def key(self) -> str:
@@ -283,8 +309,16 @@ def pieces(recipe: Recipe, vocab_size: int) -> list[Piece]:
     m = recipe.model
     H, d, nq, ng = m.hidden_size, m.head_dim, m.num_attention_heads, m.query_groups
     E, Fe, F = m.num_experts, m.moe_ffn_hidden_size, m.ffn_hidden_size
+    f = fold(recipe)
+    res = (f.residual,)
     out = [
-        Piece(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "copy", (vocab_size, H))
+        Piece(
+            ("embedding.word_embeddings.weight",),
+            ("model.embed_tokens.weight",),
+            "copy",
+            (vocab_size, H),
+            scales=(f.embedding,),
+        )
     ]
     for i in range(m.num_layers):
         r, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -302,12 +336,15 @@ def pieces(recipe: Recipe, vocab_size: int) -> list[Piece]:
                 "qkv",
                 ((nq + 2 * ng) * d, H),
                 qkv_rows=(nq * d, ng * d, ng * d),
+                # the softmax scale on q: its rows, unless a q-norm follows (its gain takes it, below)
+                scales=(1.0 if m.qk_layernorm else f.query, 1.0, 1.0),
             ),
             Piece(
                 (r + "self_attention.linear_proj.weight",),
                 (h + "self_attn.o_proj.weight",),
                 "copy",
                 (H, nq * d),
+                scales=res,
             ),
         ]
         if m.qk_layernorm:
@@ -317,6 +354,7 @@ def pieces(recipe: Recipe, vocab_size: int) -> list[Piece]:
                     (f"{h}self_attn.{p}_norm.weight",),
                     "copy",
                     (d,),
+                    scales=(f.query if p == "q" else 1.0,),
                 )
                 for p in "qk"
             ]
@@ -332,7 +370,9 @@ def pieces(recipe: Recipe, vocab_size: int) -> list[Piece]:
                     "glu",
                     (2 * F, H),
                 ),
-                Piece((r + "mlp.linear_fc2.weight",), (h + "mlp.down_proj.weight",), "copy", (H, F)),
+                Piece(
+                    (r + "mlp.linear_fc2.weight",), (h + "mlp.down_proj.weight",), "copy", (H, F), scales=res
+                ),
             ]
             continue
         block = h + ("mlp." if arch == "qwen3_moe" else "block_sparse_moe.")
@@ -350,11 +390,18 @@ def pieces(recipe: Recipe, vocab_size: int) -> list[Piece]:
                     e,
                     E,
                 ),
-                Piece((x + "linear_fc2.weight",), (f"{ex}{down}.weight",), "copy", (H, Fe), e, E),
+                Piece((x + "linear_fc2.weight",), (f"{ex}{down}.weight",), "copy", (H, Fe), e, E, scales=res),
             ]
-    out.append(Piece(("decoder.final_layernorm.weight",), ("model.norm.weight",), "copy", (H,)))
+    # The logit multiplier: on the head, or, when the head is the embedding matrix (which already carries
+    # the embedding multiplier), on the final norm gain, so the tie survives any pair of multipliers.
+    final = f.logits / f.embedding if m.tie_embeddings else 1.0
+    out.append(
+        Piece(("decoder.final_layernorm.weight",), ("model.norm.weight",), "copy", (H,), scales=(final,))
+    )
     if not m.tie_embeddings:
-        out.append(Piece(("output_layer.weight",), ("lm_head.weight",), "copy", (vocab_size, H)))
+        out.append(
+            Piece(("output_layer.weight",), ("lm_head.weight",), "copy", (vocab_size, H), scales=(f.logits,))
+        )
     return out
 
 
@@ -379,10 +426,20 @@ def extra_state_keys(recipe: Recipe) -> list[str]:
     return keys
 
 
+def _scaled(t: torch.Tensor, factor: float, inverse: bool = False) -> torch.Tensor:
+    """``t x factor`` (or ``/ factor``) computed wider than t (float64 for fp32, fp32 for 16-bit) and
+    rounded to t's dtype; t itself at 1."""
+    if factor == 1.0:
+        return t
+    wide = t.to(torch.float64 if t.element_size() >= 4 else torch.float32)
+    return (wide / factor if inverse else wide * factor).to(t.dtype)
+
+
 def split(piece: Piece, t: torch.Tensor, recipe: Recipe) -> list[torch.Tensor]:
-    """A ramp piece -> its transformers tensors (own storage each: safetensors refuses shared memory)."""
+    """A ramp piece -> its transformers tensors (own storage each: safetensors refuses shared memory),
+    with the muP factors folded in."""
     if piece.kind == "copy":
-        return [t.contiguous()]
+        return [_scaled(t, piece.scales[0] if piece.scales else 1.0).contiguous()]
     if piece.kind == "glu":
         parts = torch.chunk(t, 2, dim=0)
     else:
@@ -390,11 +447,16 @@ def split(piece: Piece, t: torch.Tensor, recipe: Recipe) -> list[torch.Tensor]:
         d, ng, per = m.head_dim, m.query_groups, m.num_attention_heads // m.query_groups
         g = t.reshape(ng, per + 2, d, t.shape[-1])
         parts = [x.reshape(-1, t.shape[-1]) for x in (g[:, :per], g[:, per], g[:, per + 1])]
-    return [x.clone(memory_format=torch.contiguous_format) for x in parts]
+    out = []
+    for x, s in zip(parts, piece.scales or (1.0,) * len(parts)):
+        y = _scaled(x, s)
+        out.append(y.clone(memory_format=torch.contiguous_format) if y is x else y.contiguous())
+    return out
 
 
 def merge(piece: Piece, ts: list[torch.Tensor], recipe: Recipe) -> torch.Tensor:
-    """Inverse of :func:`split`."""
+    """Inverse of :func:`split`: the muP factors divided back out (the recipe's forward applies them)."""
+    ts = [_scaled(x, s, inverse=True) for x, s in zip(ts, piece.scales or (1.0,) * len(ts))]
     if piece.kind == "copy":
         return ts[0].contiguous()
     if piece.kind == "glu":

@@ -50,6 +50,7 @@ def plan(args: argparse.Namespace):
     from launcher import checkpoint, recipe
 
     r = recipe.load(args.recipe, args.set)
+    r.data = r.data.absolute()  # the run records where its data is, readable from any directory
     env = layout.Env.from_environ()
     d = r.derive(env.world_size, cuda_available=torch.cuda.is_available())
     schedule, table = schedule_and_table(r, d)
@@ -119,6 +120,7 @@ def build_trainer(r, d, schedule, table, extra_callbacks=()):
     from launcher.callbacks.lr_schedule import LRSchedule
     from launcher.callbacks.metrics import Metrics
     from launcher.callbacks.plotting import Plots
+    from launcher.corpus import TOKENIZER_FILE
     from launcher.trainer import Trainer
 
     run_dir = r.run_dir
@@ -141,7 +143,10 @@ def build_trainer(r, d, schedule, table, extra_callbacks=()):
     ]
     if r.logging.plots:
         callbacks.append(Plots(run_dir))
-    return Trainer(r, d, table, callbacks)
+    trainer = Trainer(r, d, table, callbacks)
+    if torch.distributed.get_rank() == 0:  # the run directory keeps its tokenizer (ramp-convert reads it)
+        trainer.bundle.tokenizer.save(run_dir / TOKENIZER_FILE)
+    return trainer
 
 
 if __name__ == "__main__":

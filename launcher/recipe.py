@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -308,6 +309,24 @@ class DataConfig:
     @property
     def is_embedded(self) -> bool:
         return self.paths == ["embedded"]
+
+    def absolute(self) -> DataConfig:
+        """This data with its files named by absolute paths (resolved against the current directory), as a
+        run records them, so its config.yaml and checkpoints read the same from any working directory."""
+
+        def prefix(p: Any) -> Any:
+            if isinstance(p, str):
+                return os.path.abspath(p)
+            if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], str):
+                return [p[0], os.path.abspath(p[1])]
+            return p  # malformed: parse_blend names it
+
+        return dataclasses.replace(
+            self,
+            paths=self.paths if self.is_embedded else [prefix(p) for p in self.paths],
+            tokenizer=None if self.tokenizer is None else os.path.abspath(self.tokenizer),
+            cache_dir=os.path.abspath(self.cache_dir),
+        )
 
 
 @dataclass

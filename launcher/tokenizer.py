@@ -89,6 +89,12 @@ class RampTokenizer(MegatronTokenizerBase):
         """The serialized model, so worker processes can load it without touching the file."""
         return self._proto
 
+    def save(self, path: Path) -> None:
+        """Write the model to ``path`` (through a temporary file: a crash leaves no half-written model)."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(self._proto)
+        os.replace(tmp, path)
+
     # -- megatron-core tokenizer interface ---------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)

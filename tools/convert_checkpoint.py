@@ -10,6 +10,9 @@ layout-independent global tensors) and writes safetensors shards of at most --ma
 stays near one shard plus the largest tensor. from-hf writes a model-only torch_dist checkpoint, one
 tensor (one expert) at a time, that ramp loads under any layout. The transformers architecture is the one
 that computes the recipe's model exactly (launcher/hf.py); other recipes are refused with the reason.
+muP's forward multipliers are folded into the exported weights (any width); from-hf divides out those of
+the recipe it is given (the muP recipe: the muP checkpoint back; ``--set mup.enabled=false``: a
+standard-parameterisation checkpoint with the same logits).
 Output is written to a temporary sibling directory and renamed at the end, so a failure leaves OUT as it
 was.
 """
@@ -316,21 +319,33 @@ def recipe_of(path: Path) -> Recipe:
     return recipe.load(state["recipe"])
 
 
-def find_tokenizer(r: Recipe, given: Path | None) -> Path:
-    """The sentencepiece model the run trained with (its data.tokenizer, or the embedded corpus's)."""
+def run_dir_of(src: Path, checkpoint: Path) -> Path | None:
+    """The run directory (the one holding ``config.yaml``) that ``src`` names or that holds ``checkpoint``."""
+    for d in (src, *checkpoint.resolve().parents[:2]):
+        if (d / "config.yaml").is_file():
+            return d
+    return None
+
+
+def find_tokenizer(r: Recipe, given: Path | None, run_dir: Path | None = None) -> Path:
+    """The sentencepiece model the run trained with: --tokenizer, else the copy the run directory keeps
+    beside its config.yaml, else the recipe's data.tokenizer (or the embedded corpus's)."""
     from launcher.corpus import TOKENIZER_FILE, embedded_dir
 
     if given is not None:
         require(given.is_file(), f"--tokenizer {given} not found")
         return given
+    if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
+        return run_dir / TOKENIZER_FILE
     if r.data.is_embedded:
         path = embedded_dir(r.data.cache_dir, r.data.embedded_vocab_size) / TOKENIZER_FILE
     else:
         path = Path(r.data.tokenizer)
     require(
         path.is_file(),
-        f"the run's tokenizer {path} is not here (data.tokenizer / data.cache_dir are relative to where it "
-        "trained); pass --tokenizer PATH.model",
+        f"the run's tokenizer {path} is not here and its run directory holds no {TOKENIZER_FILE} copy "
+        "(runs before the copy recorded data paths relative to where they trained); pass --tokenizer "
+        "PATH.model",
     )
     return path
 
@@ -354,7 +369,7 @@ def to_hf(
     vocab, dtype = int(stored[emb].size[0]), stored[emb].properties.dtype
     plan = _source_plan(hf.pieces(r, vocab), stored, path)
     reader.check_files({key for _, key in plan})
-    tok_path = find_tokenizer(r, tokenizer)
+    tok_path = find_tokenizer(r, tokenizer, run_dir_of(src, path))
     log(f"{path} ({r.name}, {arch}, {_describe(r)}) -> {out}")
     with staged(out, overwrite) as tmp:
         ids = hf.sentencepiece_to_hf(tok_path, tmp, r.model.seq_length, vocab)
@@ -628,7 +643,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "source", type=Path, help="RUN_DIR (newest checkpoint), RUN_DIR/checkpoints or a step_N dir"
     )
     a.add_argument("out", type=Path, help="transformers model directory to create")
-    a.add_argument("--tokenizer", type=Path, help="sentencepiece .model; default: the run's data.tokenizer")
+    a.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="sentencepiece .model; default: the run directory's copy, else the run's data.tokenizer",
+    )
     a.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     b = sub.add_parser("from-hf", help="transformers model directory -> model-only ramp checkpoint")

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from launcher import hf, recipe
 from launcher.corpus import stdlib_files
 from launcher.errors import RampError
 from launcher.tokenizer import train_tokenizer
 from tools import convert_checkpoint as cc
-
-transformers = pytest.importorskip("transformers")
 
 # A tiny model (as tests/ramp_run.py TINY) in the two shapes ramp exports: Qwen3-MoE (qk-norm, GQA, head dim
 # != hidden/heads, a dense first layer, untied head) and Mixtral (no qk-norm, every layer MoE, tied).
@@ -44,6 +43,35 @@ QWEN3 = [
     "model.rotary_base=500000",
 ]
 MIXTRAL = [*TINY_MODEL, "model.qk_layernorm=false", "model.tie_embeddings=true"]
+# muP off its base shape: width x2, depth x4, head dim x4, tuned output and embedding multipliers. By hand:
+# embedding x3; residual branches (4/1)^-1/2 = 0.5; logits 0.5 / (128/64) = 0.25; softmax scale
+# sqrt(8)/32 where transformers uses 1/sqrt(32): ratio 0.5.
+MUP_OFF_BASE = [
+    "model.hidden_size=128",
+    "model.num_layers=4",
+    "model.kv_channels=32",
+    "mup.enabled=true",
+    "mup.base_hidden_size=64",
+    "mup.base_num_layers=1",
+    "mup.base_head_dim=8",
+    "mup.output_mult=0.5",
+    "mup.embedding_mult=3",
+]
+
+
+def _mup_factor(name: str, tied: bool, qk_norm: bool) -> float:
+    """transformers tensor = ramp tensor x this, for MUP_OFF_BASE (hand values above)."""
+    if name == "model.embed_tokens.weight":
+        return 3.0
+    if name == "lm_head.weight":
+        return 0.25
+    if name == "model.norm.weight":  # tied: the head is the x3 embedding, the norm gain brings it to x0.25
+        return 0.25 / 3.0 if tied else 1.0
+    if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+        return 0.5
+    if name.endswith("q_norm.weight" if qk_norm else "q_proj.weight"):  # q-norm after q_proj takes it
+        return 0.5
+    return 1.0
 
 
 def _files(n: int, start: int = 0) -> list[Path]:
@@ -83,7 +111,6 @@ def test_each_recipe_exports_to_its_architecture(name, arch):
         (["model.first_k_dense=1"], "Mixtral (no qk-norm) needs every layer MoE"),
         (["model.moe_router_pre_softmax=true"], "renormalised top-k"),
         (["model.num_experts=0"], "MoE models"),
-        (["mup.enabled=true", "mup.base_hidden_size=64"], "forward multipliers"),
     ],
 )
 def test_unmatched_recipes_are_refused_with_the_reason(sets, reason):
@@ -255,6 +282,67 @@ def test_hf_to_ramp_to_hf_is_bitwise(sets, dtype, sp_model, tmp_path, capsys):
 
 def _sets(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
+
+
+def _ramp_tensors_by_hf_name(ckpt: Path, r: recipe.Recipe) -> dict[str, torch.Tensor]:
+    """A ramp checkpoint's tensors under their transformers names, split by a recipe with no muP (so
+    unscaled): the weights ramp's forward multiplies."""
+    reader = cc.TorchDistReader(ckpt)
+    out = {}
+    for p in hf.pieces(r, 512):
+        if p.expert is None:
+            t = reader.read(p.key)
+        else:
+            t = reader.read(p.key, (p.expert, *[0] * len(p.shape)), (1, *p.shape))[0]
+        out.update(zip(p.hf, hf.split(p, t, r)))
+    return out
+
+
+@pytest.mark.parametrize("sets", [QWEN3, MIXTRAL], ids=["qwen3_moe", "mixtral-tied"])
+def test_mup_multipliers_fold_into_the_weights(sets, sp_model, tmp_path):
+    """A muP model off its base shape: from-hf with its recipe divides the hand-computed multipliers out,
+    to-hf folds them back in, and from-hf with muP off keeps the exported weights as they are (a
+    standard-parameterisation checkpoint of the same model). Logits: tests/dist/test_convert_checkpoints."""
+    mup = [*sets, *MUP_OFF_BASE]
+    src = _hf_model(mup, tmp_path / "hf")
+    exported = _tensors(src)
+    tied = "model.tie_embeddings=true" in sets
+    standard = recipe.load("moe-tiny", [*mup, "mup.enabled=false"])
+    assert cc.main(["from-hf", str(src), str(tmp_path / "mup"), "--recipe", "moe-tiny", *_sets(mup)]) == 0
+    ramp = _ramp_tensors_by_hf_name(tmp_path / "mup", standard)
+    assert sorted(ramp) == sorted(k for k in exported if not (tied and k == "lm_head.weight"))
+    scaled = 0
+    for name, t in ramp.items():
+        factor = _mup_factor(name, tied, "model.qk_layernorm=true" in sets)
+        torch.testing.assert_close(t * factor, exported[name], rtol=1e-6, atol=0, msg=name)
+        scaled += factor != 1.0
+    assert scaled >= 4 * 2 + 13 + 2  # 4 layers x (o_proj, q), >= 13 down projections, embedding, head
+    back = tmp_path / "back"
+    assert cc.main(["to-hf", str(tmp_path / "mup"), str(back), "--tokenizer", str(sp_model)]) == 0
+    assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] is tied
+    round_trip = _tensors(back)
+    assert sorted(round_trip) == sorted(ramp)
+    for name, t in round_trip.items():
+        torch.testing.assert_close(t, exported[name], rtol=1e-6, atol=0, msg=name)
+    sp = tmp_path / "standard"
+    assert cc.main(["from-hf", str(src), str(sp), "--recipe", "moe-tiny", *_sets(mup), "--set",
+                    "mup.enabled=false"]) == 0  # fmt: skip
+    for name, t in _ramp_tensors_by_hf_name(sp, standard).items():
+        assert torch.equal(t, exported[name]), name
+
+
+def test_run_directory_tokenizer_copy_is_read_first(sp_model, tmp_path):
+    """The copy beside config.yaml wins over the recipe's path, which may be relative to elsewhere."""
+    r = recipe.load("moe-tiny", ["data.cache_dir=nowhere/relative"])
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    r.dump(run / "config.yaml")
+    with pytest.raises(RampError, match="--tokenizer"):
+        cc.find_tokenizer(r, None, cc.run_dir_of(step, step))
+    (run / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    for src in (run, step):  # given the run directory, or one of its checkpoints
+        assert cc.find_tokenizer(r, None, cc.run_dir_of(src, step)) == run / "tokenizer.model"
 
 
 def _error_line(capsys) -> str:
