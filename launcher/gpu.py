@@ -64,6 +64,25 @@ class GpuConfig:
         require(self.manual_gc_interval >= 0, f"gpu.manual_gc_interval={self.manual_gc_interval}: >= 0")
 
 
+# Process environment for CUDA runs, set (unless already set) before CUDA and NCCL start. One connection
+# keeps megatron's communication kernels in issue order (sequence parallelism and overlapped reduces rely
+# on it); expandable segments curb fragmentation from variable-size MoE buffers; record-stream avoidance
+# frees NCCL tensors promptly; NVLS buffers cost GPU memory for little gain at these message sizes.
+CUDA_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "NCCL_NVLS_ENABLE": "0",
+}
+
+
+def set_cuda_env(environ: dict[str, str]) -> dict[str, str]:
+    """Fill in :data:`CUDA_ENV` where the user has not chosen; returns what was set."""
+    added = {k: v for k, v in CUDA_ENV.items() if k not in environ}
+    environ.update(added)
+    return added
+
+
 # -- what this machine can run ------------------------------------------------------------------------------
 
 

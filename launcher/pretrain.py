@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import patches
+    from launcher import gpu
 
+    if d.device == "cuda":
+        gpu.set_cuda_env(os.environ)
     applied = patches.apply_all(cpu=d.device == "cpu")
     set_threads(r, env)
     layout.init_world(d.device, env)
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
     try:
         trainer = build_trainer(r, d, schedule, table)
+        if env.rank == 0 and d.device == "cuda":
+            built = ", ".join(f"{k} {v}" for k, v in gpu.built_classes(trainer.chunks).items())
+            print(f"ramp: built: {built}", flush=True)
         if r.checkpoint.load is not None:
             path = trainer.load_checkpoint(r.checkpoint.load)
             if env.rank == 0:
