@@ -85,7 +85,7 @@ def measure(trainer, steps: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = dict(static_bytes(trainer))
     if cuda:
         torch.cuda.synchronize()
-        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+        out["peak_allocated"] = torch.cuda.max_memory_allocated()
         out["cuda_peak_reserved"] = torch.cuda.max_memory_reserved()
     out["saved_activations"] = saved_activation_bytes(trainer)
     return out
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         layout.shutdown()
     stage = plan.stages[0]
+    predicted_peak = stage.total - stage.reserve
     tokens = r.training.micro_batch_size * r.model.seq_length
     kernels = gpu.kernels(trainer.gpu)
     loss = loss_saved_bytes(r.model, trainer.vocab_size, gpu.layout_of(r, d), tokens, d.precision, kernels)
@@ -140,9 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         "grads": stage.grads,
         "optimizer": stage.optimizer,
         "saved_activations": stage.activations / stage.in_flight + loss,
-        "total": stage.total,
+        "peak_allocated": predicted_peak,
     }
-    result = {"recipe": r.name, "device": d.device, "measured": measured, "predicted": predicted}
+    result = {
+        "recipe": r.name,
+        "device": d.device,
+        "built": gpu.built_classes(trainer.chunks),
+        "measured": measured,
+        "predicted": predicted,
+    }
     if args.json:
         print(json.dumps(result))
     else:
