@@ -189,3 +189,34 @@ def test_slurm_step_sets_the_world():
     env = layout.Env.from_environ({"WORLD_SIZE": "4", "RANK": "2", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
     assert (env.rank, env.world_size) == (2, 4)
     assert layout.Env.from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).world_size == 1
+
+
+def test_gpu_smoke_without_cuda_is_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.gpu_smoke"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip() == "gpu_smoke: error: no CUDA device visible (torch.cuda.is_available() is False)"
+    )
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_smoke_slice_holds_what_one_gpu_of_the_layout_holds(name):
+    """EP1 over the local experts with the same top-k routes as many tokens per GPU as balanced EP: the
+    slice's layers keep the same activations (the router's logits over fewer experts aside) and expert
+    weights as one GPU of the full layout."""
+    from launcher.laws.memory import activation_terms, layer_params
+    from tools import gpu_smoke
+
+    full = recipe.load(name)
+    cut = recipe.load(name, gpu_smoke.slice_sets(name))
+    for moe in (True, False):
+        args = (full.model.seq_length, "bf16", RecomputeConfig(), TE_FUSED, moe)
+        a, b = activation_terms(full.model, *args), activation_terms(cut.model, *args)
+        a.pop("moe.router", None), b.pop("moe.router", None)
+        assert a == b
+    p = full.parallel
+    lay_full = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=8)
+    assert layer_params(full.model, lay_full, True).expert == layer_params(cut.model, Layout(), True).expert
+    assert cut.model.num_layers == full.model.num_layers // p.pp
