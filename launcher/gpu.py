@@ -157,8 +157,8 @@ def resolve(recipe: Recipe, device: str, probe: bool = True) -> Resolved:
         )
     require(
         te or not recipe.recompute.drops("moe_act"),
-        "recompute.modules: moe_act needs TransformerEngine's grouped GEMM; drop it with "
-        "gpu.transformer_engine=local",
+        "recompute.modules: moe_act needs TransformerEngine's grouped GEMM, which "
+        "gpu.transformer_engine=local does not build; remove moe_act from recompute.modules",
     )
     s: dict[str, bool | str | int] = {k: getattr(g, k) for k in keys}
     s["transformer_engine"] = g.transformer_engine

@@ -170,6 +170,8 @@ def test_recompute_and_local_spec_change_the_plan(capsys, monkeypatch):
     # (fp32 softmax + bf16 copy: 6.4 GB at micro-batch 4): moe-7b-a1b cannot run without TE
     argv = ["--recipe", "moe-7b-a1b", "--dry-run", "--set", "gpu.transformer_engine=local"]
     assert pretrain.main(argv) == 2
+    assert "moe_act needs TransformerEngine's grouped GEMM" in capsys.readouterr().err
+    assert pretrain.main([*argv, "--set", "recompute.granularity=none"]) == 2
     assert "memory plan: pipeline stage 0 needs" in capsys.readouterr().err
 
 
