@@ -81,6 +81,9 @@ BAD = [
     (["schedule.style=linearr"], 1, ["schedule.style", "wsd"]),
     (["model.moe_router_topk=9"], 1, ["moe_router_topk=9", "1..8"]),
     (["training.eval_samples=100"], 2, ["eval_samples=100", "multiple of 16"]),
+    (["gpu.transformer_engine=te"], 1, ["gpu.transformer_engine='te'", "require, local"]),
+    (["recompute.modules=[attn]"], 1, ["recompute.modules", "core_attn"]),
+    (["cluster.gpu_memory_gb=0"], 1, ["cluster.gpu_memory_gb=0", "> 0"]),
 ]
 
 
