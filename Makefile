@@ -7,7 +7,8 @@
 #   2. the project itself, editable, with the dev and hf extras (torch>=2.6 is then already satisfied).
 #   3. deepspeed last, with --no-build-isolation: it builds from source and imports torch in setup.py;
 #      an isolated build environment would download a second torch just to build it.
-# On a GPU cluster install the CUDA torch build into .venv first; `make setup` keeps it (see README).
+# On a GPU cluster install the CUDA torch build into .venv first; `make setup` keeps it: step 1 is skipped
+# when the venv's torch is a CUDA build, so its TransformerEngine and Apex builds keep working.
 # Elsewhere, TORCH_PIP_ARGS='--index-url URL' points pip at a CPU wheel index for step 1.
 
 SHELL := bash
@@ -44,7 +45,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --upgrade pip "setuptools>=70.1" wheel
-	$(PIP) install $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	@# A CUDA build of torch already in the venv (a cluster's, matched to its TE/Apex builds) stays.
+	@if $(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then \
+		echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') (CUDA build)"; \
+	else $(PIP) install $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
 	$(PIP) install -e '.[dev,hf]'
 	$(PIP) install --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	@touch $@

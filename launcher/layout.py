@@ -12,6 +12,14 @@ import torch.distributed as dist
 from launcher.recipe import ParallelConfig
 
 
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup/Slurm affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Env:
     """What the launcher (deepspeed, torchrun, srun or none) told this process."""
@@ -20,17 +28,32 @@ class Env:
     world_size: int
     local_rank: int
     local_world_size: int
+    from_launcher: bool = False  # a launcher (or srun) set the world size; False: a plain `python` run
 
     @classmethod
-    def from_environ(cls) -> Env:
-        e = os.environ
-        world = int(e.get("WORLD_SIZE", "1"))
-        return cls(
-            rank=int(e.get("RANK", "0")),
-            world_size=world,
-            local_rank=int(e.get("LOCAL_RANK", "0")),
-            local_world_size=int(e.get("LOCAL_WORLD_SIZE", e.get("LOCAL_SIZE", str(world)))),
-        )
+    def from_environ(cls, environ: dict[str, str] | None = None) -> Env:
+        """torch's variables (deepspeed, torchrun) first; else an srun step's SLURM_PROCID/SLURM_LOCALID."""
+        e = os.environ if environ is None else environ
+        if "WORLD_SIZE" in e:
+            world = int(e["WORLD_SIZE"])
+            return cls(
+                rank=int(e.get("RANK", "0")),
+                world_size=world,
+                local_rank=int(e.get("LOCAL_RANK", "0")),
+                local_world_size=int(e.get("LOCAL_WORLD_SIZE", e.get("LOCAL_SIZE", str(world)))),
+                from_launcher=True,
+            )
+        # One process per task under srun (SLURM_STEP_ID: inside a job step, not the batch script).
+        if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and "SLURM_STEP_ID" in e:
+            per_node = e.get("SLURM_NTASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE", "1")
+            return cls(
+                rank=int(e["SLURM_PROCID"]),
+                world_size=int(e["SLURM_NTASKS"]),
+                local_rank=int(e.get("SLURM_LOCALID", "0")),
+                local_world_size=int(per_node.split("(")[0].split(",")[0]),
+                from_launcher=True,
+            )
+        return cls(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
 def init_world(device: str, env: Env, timeout_min: int = 10) -> None:

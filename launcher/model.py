@@ -7,25 +7,23 @@ import math
 import torch
 import torch.nn.functional as F
 
+from launcher import gpu
+from launcher.laws.memory import padded_vocab_size
 from launcher.laws.mup import MupTable
 from launcher.recipe import Derived, Recipe
 
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Pad the vocabulary so every TP rank holds an equal slice; independent of TP when tp | divisible_by."""
-    multiple = divisible_by * tp // math.gcd(divisible_by, tp)
-    return -(-vocab_size // multiple) * multiple
+__all__ = ["build_chunks", "padded_vocab_size", "transformer_config", "wrap_ddp"]
 
 
-def use_transformer_engine(device: str) -> bool:
-    """The TE layer spec and grouped GEMM are GPU fast paths, used when TE is installed."""
-    if device != "cuda":
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def recompute_kwargs(recipe: Recipe, device: str) -> dict:
+    """megatron-core's recompute fields from the recipe's ``recompute`` section (CUDA only: megatron-core
+    0.16's recompute paths build CUDA masks and reach for TransformerEngine's FP8 state)."""
+    rc = recipe.recompute
+    if rc.granularity == "none" or device != "cuda":
+        return {}
+    if rc.granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(rc.modules))
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=rc.num_layers)
 
 
 def transformer_config(recipe: Recipe, derived: Derived, table: MupTable):
@@ -39,7 +37,8 @@ def transformer_config(recipe: Recipe, derived: Derived, table: MupTable):
     if softmax_scale is not None and math.isclose(softmax_scale, 1.0 / math.sqrt(m.head_dim), rel_tol=1e-9):
         softmax_scale = None
     bf16 = derived.precision == "bf16"
-    te = use_transformer_engine(derived.device)
+    g = gpu.resolve(recipe, derived.device)  # on CPU: every fast path off
+    te = g.te
     moe = {}
     if m.is_moe:
         moe = dict(
@@ -54,7 +53,8 @@ def transformer_config(recipe: Recipe, derived: Derived, table: MupTable):
             moe_shared_expert_intermediate_size=m.moe_shared_expert_hidden_size,
             moe_layer_freq=[0] * m.first_k_dense + [1] * (m.num_layers - m.first_k_dense),
             moe_grouped_gemm=te,
-            moe_permute_fusion=False,
+            moe_permute_fusion=g.moe_permute_fusion,
+            moe_router_fusion=g.moe_router_fusion,
             moe_router_dtype="fp32",
         )
     return TransformerConfig(
@@ -82,18 +82,25 @@ def transformer_config(recipe: Recipe, derived: Derived, table: MupTable):
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=1,
         # Interleaved PP with batched p2p on one peer pair mixes activation and gradient tensors of
-        # equal shape (silently wrong grads); Megatron-LM turns it off for VPP too.
-        batch_p2p_comm=not (p.vpp and p.vpp > 1),
+        # equal shape (silently wrong grads); Megatron-LM turns it off for VPP too (it overlaps p2p
+        # there, and refuses VPP with pp=2 only when batching). Overlap needs it off as well.
+        batch_p2p_comm=not (p.vpp and p.vpp > 1) and not g.overlap_p2p_comm,
+        overlap_p2p_comm=g.overlap_p2p_comm,
+        deallocate_pipeline_outputs=g.deallocate_pipeline_outputs,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=derived.device == "cpu",
         perform_initialization=True,
-        bias_dropout_fusion=te,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=te,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=g.bias_dropout_fusion,
+        bias_activation_fusion=g.bias_activation_fusion,
+        apply_rope_fusion=g.apply_rope_fusion,
+        masked_softmax_fusion=te or g.masked_softmax_fusion,
+        gradient_accumulation_fusion=g.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=g.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=g.cross_entropy_fusion_impl,
         persist_layer_norm=False,
+        **recompute_kwargs(recipe, derived.device),
         **moe,
     )
 
@@ -105,7 +112,7 @@ def build_chunks(recipe: Recipe, derived: Derived, config, vocab_size: int) -> l
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     m = recipe.model
-    te = use_transformer_engine(derived.device)
+    te = gpu.resolve(recipe, derived.device).te
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for stage in range(vpp):
@@ -136,17 +143,27 @@ def build_chunks(recipe: Recipe, derived: Derived, config, vocab_size: int) -> l
     return chunks
 
 
-def wrap_ddp(recipe: Recipe, config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """megatron-core DDP: grad buffers, DP (and expert-DP) reduction, distributed-optimizer sharding."""
+def wrap_ddp(
+    recipe: Recipe, derived: Derived, config, chunks: list[torch.nn.Module]
+) -> list[torch.nn.Module]:
+    """megatron-core DDP: grad buffers, DP (and expert-DP) reduction, distributed-optimizer sharding.
+
+    On GPU the gradient reduce-scatter and the parameter all-gather overlap with compute (the recipe's
+    gpu.overlap_*), and the schedules get the sync functions Megatron-LM gives them.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    g = gpu.resolve(recipe, derived.device)
+    interleaved = len(chunks) > 1
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=g.overlap_grad_reduce,
+        overlap_param_gather=g.overlap_param_gather,
+        align_param_gather=g.overlap_param_gather and interleaved,
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    return [
+    wrapped = [
         DistributedDataParallel(
             config=config,
             ddp_config=ddp_config,
@@ -156,3 +173,9 @@ def wrap_ddp(recipe: Recipe, config, chunks: list[torch.nn.Module]) -> list[torc
         )
         for i, chunk in enumerate(chunks)
     ]
+    one = (lambda fs: fs[0]) if not interleaved else (lambda fs: fs)
+    if g.overlap_grad_reduce:
+        config.grad_sync_func = one([c.start_grad_sync for c in wrapped])
+    if g.overlap_param_gather and interleaved:
+        config.param_sync_func = one([c.start_param_sync for c in wrapped])
+    return wrapped

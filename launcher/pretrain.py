@@ -12,6 +12,8 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ramp-train", description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    ap.add_argument("--dry-run", action="store_true", help="validate and print the derived plan, then exit")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (sizes, schedule, memory per pipeline stage), then exit; without a "
+        "launcher it plans for the recipe's cluster",
+    )
+    ap.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON only")
     # The DeepSpeed launcher appends --local_rank=N; torch's launchers set LOCAL_RANK instead.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -52,18 +60,41 @@ def plan(args: argparse.Namespace):
     r = recipe.load(args.recipe, args.set)
     r.data = r.data.absolute()  # the run records where its data is, readable from any directory
     env = layout.Env.from_environ()
-    d = r.derive(env.world_size, cuda_available=torch.cuda.is_available())
+    d = r.derive(*world_and_cuda(args, r, env))
     schedule, table = schedule_and_table(r, d)
     if r.checkpoint.load is not None:
         checkpoint.resolve(r.checkpoint.load, r.checkpoint_dir)
     return r, d, env, schedule, table
 
 
+def planning_for_cluster(args: argparse.Namespace, r, env: layout.Env) -> bool:
+    """A dry run started by hand (no launcher set a world size) plans for the recipe's cluster."""
+    return bool(args.dry_run and r.cluster is not None and not env.from_launcher)
+
+
+def world_and_cuda(args: argparse.Namespace, r, env: layout.Env) -> tuple[int, bool]:
+    if planning_for_cluster(args, r, env):
+        return r.cluster.world_size, True
+    return env.world_size, torch.cuda.is_available()
+
+
+def gpu_plan(args: argparse.Namespace, r, d, env: layout.Env):
+    """The GPU settings in force and the memory plan; refuses what cannot fit, before any process starts."""
+    from launcher import gpu
+
+    probe = not planning_for_cluster(args, r, env)
+    resolved = gpu.resolve(r, d.device, probe=probe)
+    mem = gpu.memory_plan(r, d, resolved) if (d.device == "cuda" or args.dry_run) else None
+    if mem is not None and d.device == "cuda":
+        gpu.require_fits(mem)
+    return resolved, mem
+
+
 def set_threads(recipe, env: layout.Env) -> None:
     if recipe.training.threads:
         n = recipe.training.threads
     else:
-        n = max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1))
+        n = max(1, layout.available_cores() // max(env.local_world_size, 1))
     torch.set_num_threads(n)
 
 
@@ -71,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         r, d, env, schedule, table = plan(args)
+        resolved, mem = gpu_plan(args, r, d, env)
     except RampError as e:
         print(f"ramp: error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run and args.json:
+        print(json.dumps(dry_run_json(r, d, resolved, mem), indent=1))
+        return 0
     if env.rank == 0:
         print(f"ramp: {r.name}: " + " ".join(d.lines()), flush=True)
         print(f"ramp: lr schedule: {schedule.describe()}", flush=True)
@@ -81,11 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             f"ramp: parameter groups ({'muP' if r.mup.enabled else 'standard'}):\n{table.format_table()}",
             flush=True,
         )
+        for note in resolved.notes:
+            print(f"ramp: {note}", flush=True)
+        if mem is not None:
+            print(f"ramp: memory per pipeline stage (GB, busiest device):\n{mem.format_table()}", flush=True)
     if args.dry_run:
         return 0
 
     import patches
+    from launcher import gpu
 
+    if d.device == "cuda":
+        gpu.set_cuda_env(os.environ)
     applied = patches.apply_all(cpu=d.device == "cpu")
     set_threads(r, env)
     layout.init_world(d.device, env)
@@ -93,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
     try:
         trainer = build_trainer(r, d, schedule, table)
+        if env.rank == 0 and d.device == "cuda":
+            built = ", ".join(f"{k} {v}" for k, v in gpu.built_classes(trainer.chunks).items())
+            print(f"ramp: built: {built}", flush=True)
         if r.checkpoint.load is not None:
             path = trainer.load_checkpoint(r.checkpoint.load)
             if env.rank == 0:
@@ -114,10 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def dry_run_json(r, d, resolved, mem) -> dict:
+    return {
+        "recipe": r.name,
+        "derived": dataclasses.asdict(d),
+        "memory_gb": mem.memory_gb if mem else None,
+        "gpu_memory_gb": mem.gpu_memory_gb if mem else None,
+        "headroom": round(mem.headroom, 4) if mem and mem.headroom is not None else None,
+        "stages": [s.as_gb() for s in mem.stages] if mem else None,
+        "gpu": dict(resolved.settings),
+    }
+
+
 def build_trainer(r, d, schedule, table, extra_callbacks=()):
     """The trainer with ramp's standard callbacks, in the order they must run."""
+    from launcher import gpu
     from launcher.callbacks.checkpointing import Checkpointing
     from launcher.callbacks.lr_schedule import LRSchedule
+    from launcher.callbacks.manual_gc import ManualGC
     from launcher.callbacks.metrics import Metrics
     from launcher.callbacks.plotting import Plots
     from launcher.corpus import TOKENIZER_FILE
@@ -143,6 +202,9 @@ def build_trainer(r, d, schedule, table, extra_callbacks=()):
     ]
     if r.logging.plots:
         callbacks.append(Plots(run_dir))
+    settings = gpu.resolve(r, d.device)
+    if settings.manual_gc:
+        callbacks.append(ManualGC(int(settings.manual_gc_interval)))
     trainer = Trainer(r, d, table, callbacks)
     if torch.distributed.get_rank() == 0:  # the run directory keeps its tokenizer (ramp-convert reads it)
         trainer.bundle.tokenizer.save(run_dir / TOKENIZER_FILE)

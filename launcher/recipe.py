@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import yaml
 
 from launcher.errors import RampError, require
+from launcher.gpu import GpuConfig
+from launcher.laws.memory import ClusterConfig, RecomputeConfig
 from launcher.laws.mup import MupConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -397,6 +399,9 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)  # GPU fast paths; ignored on CPU
+    cluster: ClusterConfig | None = None  # the machines --dry-run plans memory for
 
     @property
     def run_dir(self) -> Path:

@@ -21,6 +21,7 @@ import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from launcher.errors import RampError, require
+from launcher.layout import available_cores
 
 MODEL_TYPES = ("bpe", "unigram")
 UNK_ID, BOS_ID, EOD_ID, PAD_ID = 0, 1, 2, 3
@@ -28,14 +29,6 @@ NEWLINE = "\n"
 # 4 special ids + the newline piece (+ 256 byte pieces with byte fallback) are reserved.
 RESERVED_IDS = 5
 MAX_SENTENCE_BYTES = 16384  # longer lines are cut into pieces of this size for training
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def min_vocab_size(byte_fallback: bool = True) -> int:

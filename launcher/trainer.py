@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, data, layout, model, optim, parametrization
+from launcher import checkpoint, data, gpu, layout, model, optim, parametrization
 from launcher.callbacks.base import Callback
 from launcher.errors import require
 from launcher.laws.mup import MupTable
@@ -95,7 +95,8 @@ class Trainer:
         self.config.finalize_model_grads_func = finalize_model_grads
         chunks = model.build_chunks(r, d, self.config, self.vocab_size)
         parametrization.apply(chunks, self.table, self.config)  # muP init and multipliers, before DDP
-        self.chunks = model.wrap_ddp(r, self.config, chunks)
+        self.chunks = model.wrap_ddp(r, d, self.config, chunks)
+        self.gpu = gpu.resolve(r, d.device)
         self.config.no_sync_func = [c.no_sync for c in self.chunks]
         if len(self.chunks) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
@@ -114,6 +115,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        gpu.gather_params(self.chunks, self.gpu)
         path = checkpoint.save(
             self.recipe.checkpoint_dir,
             self.state.step,

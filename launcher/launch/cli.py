@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ramp-launch: error: {e}", file=sys.stderr)
         return 2
     on_cpu = gpus == 0
-    extra = cpu_env(os.environ, launch.local_procs, os.cpu_count() or 1) if on_cpu else {}
+    from launcher.layout import available_cores  # torch: imported only once a launch is planned
+
+    extra = cpu_env(os.environ, launch.local_procs, available_cores()) if on_cpu else {}
     prefix = " ".join(f"{k}={v}" for k, v in extra.items())
     print(f"ramp-launch: {launch.describe()}{' on CPU' if on_cpu else ''}", flush=True)
     print(f"+ {prefix + ' ' if prefix else ''}{shlex.join(launch.cmd)}", flush=True)

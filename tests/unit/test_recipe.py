@@ -89,6 +89,9 @@ BAD = [
     (["training.eval_samples=100"], 2, ["eval_samples=100", "multiple of 16"]),
     (["mup.base_hidden_size=96", "mup.enabled=true"], 1, ["mup.base_hidden_size=96", "hidden_size=128"]),
     (["optimizer.lr_mult={shared_experts: 0.5}"], 1, ["lr_mult.shared_experts", "no shared_experts"]),
+    (["gpu.transformer_engine=te"], 1, ["gpu.transformer_engine='te'", "require, local"]),
+    (["recompute.modules=[attn]"], 1, ["recompute.modules", "core_attn"]),
+    (["cluster.gpu_memory_gb=0"], 1, ["cluster.gpu_memory_gb=0", "> 0"]),
 ]
 
 
