@@ -1,0 +1,122 @@
+"""Resume consistency and bad steps.
+
+A checkpoint's data position (``consumed_samples``) indexes an order fixed by the data, the split, the
+seed and the sequence length, and its step sits on a schedule fixed in tokens: :func:`fingerprint` names
+those values and :func:`check_resume` refuses a resume that changes one, unless the run is a branch.
+:class:`BadStepGuard` skips an update whose loss or gradient norm is not finite (exactly: the optimizer is
+not stepped, so weights and Adam moments stay as they were) and stops the run after too many in a row.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.errors import RampError
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (not a user-input problem): printed as one line, exit 3."""
+
+
+def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
+    """Everything that fixes the data order and the LR schedule, as flat ``section.key`` fields."""
+    fp: dict[str, Any] = {
+        "data.paths": recipe.data.paths,
+        "data.tokenizer": recipe.data.tokenizer,
+        "data.split": recipe.data.split,
+        "data.max_epochs": recipe.data.max_epochs,
+        "data.content": data_key,
+        "training.seed": recipe.training.seed,
+        "model.seq_length": recipe.model.seq_length,
+        "optimizer.lr": recipe.optimizer.lr,
+    }
+    for k, v in schedule.to_dict().items():
+        if k != "total_tokens":  # lengthening a run is fine while the schedule's points stay put
+            fp[f"schedule.{k}"] = v
+    return fp
+
+
+def check_resume(
+    saved: dict[str, Any] | None, current: dict[str, Any], branch: bool, path: Path
+) -> list[str]:
+    """The fields that differ; a RampError naming the first unless ``branch``."""
+    if saved is None:  # a checkpoint from before fingerprints (or ramp-convert): nothing to compare
+        return []
+    changed = [k for k in sorted(set(saved) | set(current)) if _plain(saved.get(k)) != _plain(current.get(k))]
+    if changed and not branch:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise RampError(
+            f"resuming {path} changes {k}: the checkpoint has {saved.get(k)!r}, this run {current.get(k)!r}"
+            f"{more}; restore it, or branch into a new logging.run_dir with checkpoint.branch=true"
+        )
+    return changed
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_branch_target(loaded: Path, checkpoint_dir: Path) -> None:
+    """A branch writes into its own run directory: never beside the checkpoint it starts from."""
+    if loaded.resolve().parent == checkpoint_dir.resolve():
+        raise RampError(
+            f"checkpoint.branch=true but {loaded} is in this run's checkpoint directory; a branch writes its "
+            f"checkpoints and metrics elsewhere: set logging.run_dir to a new directory"
+        )
+
+
+def poison_grads(chunks) -> None:
+    """Fault injection: a NaN in the first gradient, as a bad batch or a flipped bit would make."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                grad = p.grad
+            if grad is not None:
+                grad.view(-1)[0] = float("nan")
+                return
+
+
+class BadStepGuard:
+    """Decides before the optimizer step; keeps its counts in the trainer state (so they resume)."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+
+    def step(self, optimizer, loss: float, state) -> tuple[bool, float | None]:
+        """Step ``optimizer`` unless ``loss`` or the global grad norm is non-finite. Returns
+        (updated, grad_norm). The norm check costs one extra norm reduction per step."""
+        counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
+        norm = None
+        if math.isfinite(loss):
+            optimizer.prepare_grads()
+            norm = optimizer.get_grad_norm()
+            norm = float(norm) if norm is not None else None
+        step_no = state.step + 1
+        if norm is not None and math.isfinite(norm) and math.isfinite(loss):
+            ok, grad_norm, _ = optimizer.step()
+            require_ok(ok, step_no)
+            counts["in_a_row"] = 0
+            return True, float(grad_norm) if grad_norm is not None else norm
+        counts["total"] += 1
+        counts["in_a_row"] += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {norm}"
+        if torch.distributed.get_rank() == 0:
+            print(f"ramp: step {step_no}: {what}; update skipped ({counts['total']} so far)", flush=True)
+        if counts["in_a_row"] >= self.max_in_a_row:
+            raise RunStopped(
+                f"step {step_no}: {counts['in_a_row']} non-finite steps in a row ({what}); stopping "
+                f"(resilience.max_bad_steps={self.max_in_a_row}); resume from the last checkpoint with a "
+                "lower LR or other data"
+            )
+        return False, norm if norm is not None else float("nan")
+
+
+def require_ok(ok: bool, step_no: int) -> None:
+    if not ok:  # megatron found inf/nan itself (fp16 loss scaling); our check ran first, so say so
+        raise RunStopped(f"step {step_no}: the optimizer refused the update after ramp's finite check")
