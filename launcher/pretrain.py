@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
     lock = runlock.RunLock(r.run_dir)
+    heartbeat = resilience.Heartbeat(r.resilience.heartbeat_s)
+    heartbeat.start()
     try:
         _take_run_dir(lock, r, env.rank)
         trainer = build_trainer(r, d, schedule, table)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"ramp: {where}", flush=True)
         trainer.fit()
+        heartbeat.stop()
         # Leave together: rank 0 hosts the rendezvous store, and a gloo peer that disappears while the
         # others tear down their groups can abort them.
         torch.distributed.barrier()
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramp: error: {e}", file=sys.stderr)
         return 3
     finally:
+        heartbeat.stop()
         if env.rank == 0:
             lock.release()
         layout.shutdown()

@@ -340,11 +340,13 @@ class ResilienceConfig:
     spike_window: int = 50  # steps of loss history for the spike z-score (0 disables)
     spike_zscore: float = 6.0  # a loss this many standard deviations above the window is logged as a spike
     collective_timeout_s: int = 600  # a collective that waits longer fails instead of hanging
+    heartbeat_s: float = 5.0  # ranks check each other this often; a peer silent for 3 beats is named; 0: off
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection (tests, benchmarks)
 
     def __post_init__(self) -> None:
         require(self.max_bad_steps >= 1, f"resilience.max_bad_steps={self.max_bad_steps}: must be >= 1")
         require(self.spike_window >= 0, f"resilience.spike_window={self.spike_window}: must be >= 0")
+        require(self.heartbeat_s >= 0, f"resilience.heartbeat_s={self.heartbeat_s}: must be >= 0")
         _positive(
             "resilience",
             spike_zscore=self.spike_zscore,

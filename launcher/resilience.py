@@ -9,11 +9,16 @@ not stepped, so weights and Adam moments stay as they were) and stops the run af
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 
 from launcher.errors import RampError
 
@@ -106,7 +111,7 @@ class BadStepGuard:
         counts["total"] += 1
         counts["in_a_row"] += 1
         what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {norm}"
-        if torch.distributed.get_rank() == 0:
+        if dist.get_rank() == 0:
             print(f"ramp: step {step_no}: {what}; update skipped ({counts['total']} so far)", flush=True)
         if counts["in_a_row"] >= self.max_in_a_row:
             raise RunStopped(
@@ -120,3 +125,69 @@ class BadStepGuard:
 def require_ok(ok: bool, step_no: int) -> None:
     if not ok:  # megatron found inf/nan itself (fp16 loss scaling); our check ran first, so say so
         raise RunStopped(f"step {step_no}: the optimizer refused the update after ramp's finite check")
+
+
+class Heartbeat:
+    """Every rank bumps a counter in the launcher's TCP store each ``every_s`` and reads its peers'.
+    A peer whose counter has not moved for ``misses`` beats (dead, frozen, or its node gone) is named and
+    this rank exits non-zero, instead of waiting in a collective until the collective timeout. Counters,
+    not clocks: hosts need not agree on the time. A store that stops answering means the store's host
+    (the launcher of node 0) is gone."""
+
+    def __init__(self, every_s: float, misses: int = 3) -> None:
+        self.every_s, self.misses = every_s, misses
+        self._stop = threading.Event()
+        self._prefix: str | None = None
+
+    def start(self) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world == 1 or self.every_s <= 0:
+            return
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        prefix = self._prefix = f"ramp/hb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store = dist.TCPStore(
+            host, port, is_master=False, timeout=datetime.timedelta(seconds=self.every_s * self.misses)
+        )
+        threading.Thread(
+            target=self._run, args=(store, prefix, rank, world), name="ramp-heartbeat", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        """Before leaving normally: peers then read this rank's 'done' key, not a silence."""
+        if self._prefix is None or self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(Exception):  # a client of its own: the thread's may be mid-call
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=self.every_s),
+            )
+            store.set(f"{self._prefix}/done/{dist.get_rank()}", "1")
+
+    def _run(self, store, prefix: str, rank: int, world: int) -> None:
+        seen: dict[int, tuple[int, int]] = {}  # peer -> (last counter, beats without change)
+        beat = 0
+        while not self._stop.wait(self.every_s):
+            try:
+                beat += 1
+                store.add(f"{prefix}/{rank}", 1)
+                for peer in range(world):
+                    if peer == rank or store.check([f"{prefix}/done/{peer}"]):
+                        continue
+                    count = store.add(f"{prefix}/{peer}", 0)
+                    last, still = seen.get(peer, (-1, 0))
+                    still = still + 1 if count == last else 0
+                    seen[peer] = (count, still)
+                    if still >= self.misses and beat > self.misses:
+                        _die(f"rank {peer} has not answered for {still * self.every_s:.0f}s (dead or hung)")
+            except Exception as e:  # the store went away with its host
+                if not self._stop.is_set():
+                    _die(f"the rendezvous store at {os.environ['MASTER_ADDR']} stopped answering ({e})")
+                return
+
+
+def _die(message: str) -> None:
+    print(f"ramp: error: rank {dist.get_rank()}: {message}; exiting", file=sys.stderr, flush=True)
+    os._exit(4)
