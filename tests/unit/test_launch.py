@@ -438,7 +438,9 @@ def test_sbatch_template_starts_one_launcher_per_node(tmp_path: Path, launcher: 
     tail = "-m launcher.pretrain" if launcher == "torchrun" else "--module launcher.pretrain"
     port = str(20000 + 4242 % 20000)
     for rank, cmd in enumerate(cmds):
-        assert cmd.endswith(f"{tail} --recipe moe-tiny --set training.train_steps=3"), cmd
+        # load=auto first (a requeued job resumes, the first start trains fresh), the user's sets after it
+        want = f"{tail} --recipe moe-tiny --set checkpoint.load=auto --set training.train_steps=3"
+        assert cmd.endswith(want), cmd
         if launcher == "deepspeed":
             assert f"--no_ssh --node_rank {rank} --master_addr node-a --master_port {port}" in cmd
         else:
