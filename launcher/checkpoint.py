@@ -300,13 +300,14 @@ def save(
 
 
 def _retire(path: Path) -> None:
-    """Rename (instant, atomic) and delete in a background thread: no rank waits on rank 0's rmtree."""
+    """Rename (instant, atomic) and delete in a background thread: no rank waits on rank 0's rmtree.
+    Not a daemon: a normal exit finishes the deletion; a crash leaves ``*.deleting`` for the next start."""
     doomed = path.with_name(path.name.removesuffix(".tmp") + ".deleting")
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     threading.Thread(
-        target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True
+        target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=False
     ).start()
 
 

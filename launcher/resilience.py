@@ -190,4 +190,14 @@ class Heartbeat:
 
 def _die(message: str) -> None:
     print(f"ramp: error: rank {dist.get_rank()}: {message}; exiting", file=sys.stderr, flush=True)
+    kill_children()
     os._exit(4)
+
+
+def kill_children() -> None:
+    """The processes this one forked (data and checkpoint helpers) go with it."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from launcher.errors import RampError
+from launcher.resilience import kill_children
 
 LOCK_NAME = "ramp.lock"
 HEARTBEAT_S = 10.0
@@ -100,7 +101,8 @@ class RunLock:
 
 def die_with_parent(poll_s: float = 0.5) -> None:
     """A worker started by a launcher (torchrun, deepspeed) ends when the launcher dies, even by SIGKILL:
-    a daemon thread polls the parent pid and kills this process when it changes (re-parented)."""
+    a daemon thread polls the parent pid and, when it changes (re-parented), kills this process and the
+    processes it forked."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -108,6 +110,7 @@ def die_with_parent(poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
             if os.getppid() != parent:
                 print(f"ramp: launcher (pid {parent}) is gone; worker {os.getpid()} exits", file=sys.stderr)
+                kill_children()
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="ramp-parent-watch", daemon=True).start()

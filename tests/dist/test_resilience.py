@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 
 import psutil
 import pytest
+from launcher import checkpoint
 from ramp_run import ROOT, TINY, free_port, kill_tree, ramp_env, run_ramp, step_checkpoint
 
 pytestmark = pytest.mark.dist
@@ -72,19 +74,18 @@ def test_requeue_does_not_resave_and_rewind_swaps_and_keeps_the_newest(straight,
     # A requeue of the finished run: nothing to train, and step 8 is not written again.
     run_ramp(run_dir, _sets("checkpoint.load=auto")).check()
     assert json.loads((ckpts / "step_0000008" / "ramp_manifest.json").read_text())["saved_at_ns"] == saved_at
-    # Rewind to step 4 and retrain to 6 with keep_last=1: step 6 exists, so it is swapped in atomically,
-    # and retention keeps the newest save (the new step 6), not the highest number (step 8).
-    old6 = json.loads((ckpts / "step_0000006" / "ramp_manifest.json").read_text())["saved_at_ns"]
-    run_ramp(
-        run_dir, [*WSD, "training.train_steps=6", "checkpoint.load=4", "checkpoint.keep_last=1"]
+    # Rewind to step 2 and retrain to 8, saving at 4 and 8 with keep_last=2. Both steps exist, so each new
+    # one is swapped in atomically; retention keeps the newest saves (new 4 and 8), not the highest step
+    # numbers (by number the new step 4, which `latest` named, would go and the stale step 6 would stay).
+    old8 = saved_at
+    rewound = run_ramp(
+        run_dir, _sets("checkpoint.load=2", "checkpoint.interval=4", "checkpoint.keep_last=2")
     ).check()
-    time.sleep(1)  # retired checkpoints are removed by a background thread; give it a moment
-    assert (ckpts / "latest").read_text().strip() == "step_0000006"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_0000006"]
-    assert json.loads((ckpts / "step_0000006" / "ramp_manifest.json").read_text())["saved_at_ns"] > old6
-    # ... and it is the same state: continuing from it finishes like the straight run.
-    final = run_ramp(run_dir, _sets("checkpoint.load=auto")).check()
-    assert final.series("loss") == straight.series("loss")
+    assert (ckpts / "latest").read_text().strip() == "step_0000008"
+    assert checkpoint.list_steps(ckpts) == [4, 8]
+    assert json.loads((ckpts / "step_0000008" / "ramp_manifest.json").read_text())["saved_at_ns"] > old8
+    # The rewound run trained the same steps again, and metrics.jsonl tells one history.
+    assert rewound.series("loss") == straight.series("loss")
 
 
 def test_corrupt_latest_is_refused_and_auto_uses_the_previous_one(straight, tmp_path):
@@ -106,14 +107,14 @@ def test_corrupt_latest_is_refused_and_auto_uses_the_previous_one(straight, tmp_
     assert resumed.series("loss") == straight.series("loss")
 
 
-def test_auto_starts_fresh_and_clears_stale_tmp(straight, tmp_path):
+def test_auto_starts_fresh_and_clears_stale_tmp(tmp_path):
     stale = tmp_path / "checkpoints" / "step_0000005.tmp"
     stale.mkdir(parents=True)
     (stale / "half_written").write_text("x")
-    run = run_ramp(tmp_path, [*WSD, "training.train_steps=2", "checkpoint.load=auto"]).check()
+    run = run_ramp(tmp_path, ["training.train_steps=2", "checkpoint.load=auto"]).check()
     assert "no checkpoint: fresh start" in run.stdout and not stale.exists()
-    ref = straight.series("loss")
-    assert run.series("loss") == {1: ref[1], 2: ref[2]}
+    assert sorted(run.series("loss")) == [1, 2]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
 def test_changed_data_order_is_refused_unless_a_branch(straight, tmp_path):
@@ -131,17 +132,20 @@ def test_changed_data_order_is_refused_unless_a_branch(straight, tmp_path):
     ] == STEPS
 
 
-def test_nan_gradient_skips_exactly_that_update(straight, tmp_path):
+def test_nan_gradient_skips_exactly_that_update(tmp_path):
     run = run_ramp(
         tmp_path,
-        [*WSD, "training.train_steps=4", "training.eval_interval=1", "training.eval_samples=16",
-         "resilience.inject_nan_steps=[3]"],
+        [
+            "training.train_steps=4",
+            "training.eval_interval=1",
+            "training.eval_samples=16",
+            "resilience.inject_nan_steps=[3]",
+        ],
     ).check()
     val = {r["step"]: r["val_loss"] for r in run.evals}
     assert val[3] == val[2], "the weights changed in a skipped step"
     assert val[4] != val[3]
-    ref = straight.series("loss")
-    assert {s: run.series("loss")[s] for s in (1, 2, 3)} == {s: ref[s] for s in (1, 2, 3)}
+    assert all(math.isfinite(x) for x in run.series("loss").values())
     assert run.series("bad_steps") == {1: 0, 2: 0, 3: 1, 4: 1}
     assert "step 3: grad norm nan; update skipped" in run.stdout
 
@@ -149,7 +153,7 @@ def test_nan_gradient_skips_exactly_that_update(straight, tmp_path):
 def test_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path):
     run = run_ramp(
         tmp_path,
-        [*WSD, "training.train_steps=4", "resilience.inject_nan_steps=[2,3]", "resilience.max_bad_steps=2"],
+        ["training.train_steps=4", "resilience.inject_nan_steps=[2,3]", "resilience.max_bad_steps=2"],
     )
     assert run.returncode == 3
     assert "step 3: 2 non-finite steps in a row" in _one_error_line(run)
@@ -161,7 +165,7 @@ def test_second_job_on_a_held_run_dir_stops_naming_the_holder(tmp_path):
     (tmp_path / "ramp.lock").write_text(
         json.dumps({"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()})
     )
-    run = run_ramp(tmp_path, [*WSD, "training.train_steps=2"])
+    run = run_ramp(tmp_path, ["training.train_steps=2"])
     assert run.returncode == 2
     assert f"is in use by pid {me.pid} on {socket.gethostname()}" in _one_error_line(run)
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -171,10 +175,24 @@ def test_killed_launcher_leaves_no_workers(tmp_path):
     args = ["--recipe", "moe-tiny"]
     for s in [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500"]:
         args += ["--set", s]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", "-m", "launcher.pretrain", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ramp_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "launcher.pretrain",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ramp_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
@@ -201,10 +219,25 @@ def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
     sets = [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500", "resilience.heartbeat_s=1"]
     for s in sets:
         args += ["--set", s]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", "-m", "launcher.pretrain", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ramp_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "launcher.pretrain",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ramp_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
@@ -212,9 +245,10 @@ def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
             assert time.time() < deadline and proc.poll() is None, "training never started"
             time.sleep(0.5)
         workers = psutil.Process(proc.pid).children(recursive=True)
-        frozen = next(w for w in workers if w.environ().get("RANK") == "1")
+        frozen = next(w for w in workers if w.ppid() == proc.pid and w.environ().get("RANK") == "1")
         frozen.suspend()
-        _, err = proc.communicate(timeout=120)  # far below the 600 s collective timeout
+        # Far below the 600 s collective timeout (torchrun then gives the frozen rank 30 s to stop).
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0
         assert "rank 0: rank 1 has not answered for" in err, err[-3000:]
     finally:
