@@ -39,8 +39,12 @@ def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
         "model.seq_length": recipe.model.seq_length,
         "optimizer.lr": recipe.optimizer.lr,
     }
-    for k, v in schedule.to_dict().items():
-        if k != "total_tokens":  # lengthening a run is fine while the schedule's points stay put
+    points = schedule.to_dict()
+    # Lengthening a run is fine while the schedule's points stay put; without a decay (constant) the
+    # decay points are only the run's end.
+    ignored = {"total_tokens"} | ({"decay_start", "decay_end"} if points.get("shape") == "none" else set())
+    for k, v in points.items():
+        if k not in ignored:
             fp[f"schedule.{k}"] = v
     return fp
 
