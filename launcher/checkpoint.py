@@ -5,17 +5,30 @@ Layout on disk::
     CKPT_DIR/step_000100/      a complete torch_dist checkpoint (model, optimizer, RNG, trainer state)
     CKPT_DIR/latest            text file naming the newest complete step directory
 
-A save writes ``step_N.tmp`` and renames it only after every rank has finished, then replaces ``latest``
-atomically; so a crash at any point leaves ``latest`` naming a loadable checkpoint. Model and optimizer
-state use the ``fully_reshardable`` format, so a checkpoint loads into any TP/PP/DP/EP layout.
+    CKPT_DIR/step_000100/ramp_manifest.json   written last: save time, every file's size (+ sha256)
+
+A save writes ``step_N.tmp``, lists (and optionally hashes) its files into the manifest, and renames it
+only after every rank has finished, then replaces ``latest`` atomically; so a crash at any point leaves
+``latest`` naming a loadable checkpoint. A re-save of a step that exists swaps the two directories in one
+``renameat2(RENAME_EXCHANGE)``, never deleting what ``latest`` names first. Retention keeps the
+``keep_last`` most recently *saved* checkpoints (a rewound run's new step_5 outlives an old step_9) and
+never the one ``latest`` names; old ones are renamed ``*.deleting`` and removed off the training path.
+Model and optimizer state use the ``fully_reshardable`` format, so a checkpoint loads into any
+TP/PP/DP/EP layout.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +41,8 @@ from launcher.errors import RampError, require
 
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "ramp_manifest.json"
+_HASH_BLOCK = 1 << 22
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -40,15 +55,58 @@ def list_steps(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
-def resolve(spec: str, root: Path) -> Path:
-    """'latest', a step number, or a path -> a complete checkpoint directory (one-line error otherwise)."""
-    if spec == "latest":
-        marker = root / "latest"
-        require(
-            marker.exists(), f"checkpoint.load=latest but {marker} does not exist; train first or give a path"
+def by_recency(root: Path) -> list[Path]:
+    """Step directories, most recently saved first (manifest save time; directory mtime without one)."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(dirs, key=_saved_at, reverse=True)
+
+
+def _saved_at(path: Path) -> int:
+    try:
+        return int(json.loads((path / MANIFEST).read_text())["saved_at_ns"])
+    except (OSError, ValueError, KeyError):
+        return path.stat().st_mtime_ns
+
+
+def latest_name(root: Path) -> str | None:
+    marker = root / "latest"
+    return marker.read_text().strip() if marker.exists() else None
+
+
+def resolve(spec: str, root: Path, verify_checksums: bool = False) -> Path | None:
+    """'auto', 'latest', a step number, or a path -> a complete checkpoint directory (one-line error
+    otherwise). ``auto``: ``latest`` if there is one, the newest complete checkpoint if ``latest`` is
+    damaged, None (start fresh) if the directory holds no checkpoint."""
+    if spec in ("latest", "auto"):
+        name = latest_name(root)
+        if name is None:
+            if spec == "auto" and not list_steps(root):
+                return None
+            require(
+                spec == "auto",
+                f"checkpoint.load=latest but {root / 'latest'} does not exist; train first, give a path, or "
+                "use checkpoint.load=auto (resume if a checkpoint exists, else start fresh)",
+            )
+            name = "(none)"
+        path = root / name
+        problem = damage(path, verify_checksums)
+        if problem is None:
+            return path
+        previous = next(
+            (p for p in by_recency(root) if p != path and damage(p, verify_checksums) is None), None
         )
-        path = root / marker.read_text().strip()
-    elif spec.isdigit():
+        if spec == "auto" and previous is not None:
+            print(f"ramp: warning: {path.name}: {problem}; resuming from {previous.name}", file=sys.stderr)
+            return previous
+        offer = (
+            f"the previous complete checkpoint is {previous}: set checkpoint.load=auto to resume from it"
+            if previous is not None
+            else "no earlier complete checkpoint exists: start fresh (checkpoint.load unset)"
+        )
+        raise RampError(f"checkpoint {path}: {problem}; {offer}")
+    if spec.isdigit():
         path = step_dir(root, int(spec))
         require(
             path.is_dir(),
@@ -59,19 +117,71 @@ def resolve(spec: str, root: Path) -> Path:
         if path.is_dir() and not (path / "metadata.json").exists() and (path / "latest").exists():
             path = path / (path / "latest").read_text().strip()
     require(path.is_dir(), f"checkpoint {path} does not exist")
-    _check_complete(path)
+    problem = damage(path, verify_checksums)
+    require(problem is None, f"checkpoint {path}: {problem}; load an earlier step or delete it")
     return path
 
 
-def _check_complete(path: Path) -> None:
+def damage(path: Path, verify_checksums: bool = False) -> str | None:
+    """Why ``path`` is not a loadable checkpoint, or None. Sizes are always compared with the manifest
+    (a stat per file); checksums only when asked (they read every byte)."""
     from megatron.core import dist_checkpointing
 
+    if not path.is_dir():
+        return "does not exist"
     ok = (path / "metadata.json").exists() and (path / "common.pt").exists()
-    require(
-        ok and dist_checkpointing.check_is_distributed_checkpoint(str(path)),
-        f"checkpoint {path} is incomplete or corrupt (missing metadata.json/common.pt); "
-        f"load an earlier step or delete it",
-    )
+    if not (ok and dist_checkpointing.check_is_distributed_checkpoint(str(path))):
+        return "incomplete or corrupt (missing metadata.json/common.pt)"
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None  # written before manifests (or by ramp-convert): nothing more to compare
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"unreadable {MANIFEST}"
+    for name, entry in sorted(files.items()):
+        f = path / name
+        if not f.exists():
+            return f"file {name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"file {name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if verify_checksums and "sha256" in entry and _sha256(f) != entry["sha256"]:
+            return f"file {name} fails its sha256 checksum (corrupt)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_entries(directory: Path, checksums: bool) -> dict[str, dict[str, Any]]:
+    """Every rank describes its share of the files (round robin); rank 0 gets the union."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {}
+    for name in names[rank::world]:
+        entry: dict[str, Any] = {"size": (directory / name).stat().st_size}
+        if checksums:
+            entry["sha256"] = _sha256(directory / name)
+        mine[name] = entry
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def clean_stale(root: Path) -> list[str]:
+    """Remove ``*.tmp`` (saves a crash interrupted) and ``*.deleting`` (retention a crash interrupted).
+    Call with the run lock held, before the first save."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.suffix in (".tmp", ".deleting")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -144,7 +254,15 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save(root: Path, step: int, chunks, optimizer, trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save(
+    root: Path,
+    step: int,
+    chunks,
+    optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    checksums: bool = False,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
@@ -159,16 +277,52 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict[str, Any]
     sd = sharded_state_dict(chunks, optimizer, trainer_state, is_loading=False)
     dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True)
     dist.barrier()
+    files = _file_entries(tmp, checksums)
     if dist.get_rank() == 0:
+        manifest = {"step": step, "saved_at_ns": time.time_ns(), "files": files}
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            try:
+                exchange(tmp, final)  # tmp now holds the old step_N; `latest` named a complete one throughout
+            except OSError as e:  # a filesystem without RENAME_EXCHANGE: keep the complete one we have
+                print(f"ramp: warning: kept the existing {final.name} ({e})", file=sys.stderr)
+            _retire(tmp)
+        else:
+            os.replace(tmp, final)
         _write_atomic(root / "latest", final.name + "\n")
         _fsync_dir(root)
-        for old in list_steps(root)[:-keep_last]:
-            shutil.rmtree(step_dir(root, old), ignore_errors=True)
+        for old in by_recency(root)[keep_last:]:
+            if old != final:
+                _retire(old)
     dist.barrier()
     return final
+
+
+def _retire(path: Path) -> None:
+    """Rename (instant, atomic) and delete in a background thread: no rank waits on rank 0's rmtree.
+    Not a daemon: a normal exit finishes the deletion; a crash leaves ``*.deleting`` for the next start."""
+    doomed = path.with_name(path.name.removesuffix(".tmp") + ".deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    threading.Thread(
+        target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=False
+    ).start()
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE): there is no moment when
+    either name is missing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -50,6 +50,7 @@ class DataBundle:
     tokenizer: RampTokenizer
     train: Dataset  # GPTDataset or BlendedDataset; sample i is the i-th sequence of the run
     valid: Dataset | None  # exactly valid_samples fixed sequences, or None
+    index_key: str = ""  # names the sources' content (sizes, header, sampled blocks): resume fingerprint
 
 
 def parse_blend(paths: list[Any]) -> tuple[list[str], list[float] | None]:
@@ -117,12 +118,13 @@ def build_datasets(
         prefixes, labels, weights, cfg.split, seq_length, [train_samples, valid_samples, 0], max_epochs
     )
 
+    index_cache = _index_cache_dir(cfg, prefixes)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
         split=cfg.split,
-        path_to_cache=str(_index_cache_dir(cfg, prefixes)),
+        path_to_cache=str(index_cache),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -146,7 +148,7 @@ def build_datasets(
             f"fewer than the {valid_samples} needed",
         )
         fixed_valid = Subset(valid, range(valid_samples))
-    return DataBundle(tokenizer=tokenizer, train=train, valid=fixed_valid)
+    return DataBundle(tokenizer=tokenizer, train=train, valid=fixed_valid, index_key=index_cache.name)
 
 
 def check_capacity(
@@ -258,9 +260,21 @@ def _index_cache_dir(cfg: DataConfig, prefixes: list[str]) -> Path:
     h = hashlib.sha256()
     for p in prefixes:
         h.update(p.encode())
-        h.update(hashlib.md5(Path(get_idx_path(p)).read_bytes(), usedforsecurity=False).digest())
-        h.update(str(os.path.getsize(get_bin_path(p))).encode())
+        for f in (get_idx_path(p), get_bin_path(p)):
+            h.update(sampled_digest(Path(f)))
     return Path(cfg.cache_dir) / "indices" / h.hexdigest()[:16]
+
+
+def sampled_digest(path: Path, blocks: int = 16, block: int = 4096) -> bytes:
+    """Size, header and ``blocks`` evenly spaced blocks: a content key that costs the same at any scale
+    (a rebuilt dataset changes its size or its index header's counts and offsets)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks + 1):
+            f.seek(min(size, (size - block) * i // blocks) if size > block else 0)
+            h.update(f.read(block))
+    return h.digest()
 
 
 def microbatches(

@@ -124,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import patches
-    from launcher import gpu
+    from launcher import gpu, resilience, runlock
 
     if d.device == "cuda":
         gpu.set_cuda_env(os.environ)
+    if "LOCAL_RANK" in os.environ or args.local_rank is not None:
+        runlock.die_with_parent()  # a killed launcher never leaves workers training
     applied = patches.apply_all(cpu=d.device == "cpu")
     set_threads(r, env)
-    layout.init_world(d.device, env)
+    layout.init_world(d.device, env, timeout_min=r.resilience.collective_timeout_s / 60)
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
+    lock = runlock.RunLock(r.run_dir)
+    heartbeat = resilience.Heartbeat(r.resilience.heartbeat_s)
+    heartbeat.start()
     try:
+        _take_run_dir(lock, r, env.rank)
         trainer = build_trainer(r, d, schedule, table)
         if env.rank == 0 and d.device == "cuda":
             built = ", ".join(f"{k} {v}" for k, v in gpu.built_classes(trainer.chunks).items())
@@ -141,15 +147,27 @@ def main(argv: list[str] | None = None) -> int:
         if r.checkpoint.load is not None:
             path = trainer.load_checkpoint(r.checkpoint.load)
             if env.rank == 0:
-                print(f"ramp: resumed from {path} at step {trainer.state.step}", flush=True)
+                where = (
+                    f"resumed from {path} at step {trainer.state.step}"
+                    if path
+                    else "no checkpoint: fresh start"
+                )
+                print(f"ramp: {where}", flush=True)
         trainer.fit()
+        heartbeat.stop()
         # Leave together: rank 0 hosts the rendezvous store, and a gloo peer that disappears while the
         # others tear down their groups can abort them.
         torch.distributed.barrier()
     except RampError as e:
         print(f"ramp: error: {e}", file=sys.stderr)
         return 2
+    except resilience.RunStopped as e:
+        print(f"ramp: error: {e}", file=sys.stderr)
+        return 3
     finally:
+        heartbeat.stop()
+        if env.rank == 0:
+            lock.release()
         layout.shutdown()
     if env.rank == 0:
         print(
@@ -171,10 +189,30 @@ def dry_run_json(r, d, resolved, mem) -> dict:
     }
 
 
+def _take_run_dir(lock, r, rank: int) -> None:
+    """Rank 0 takes the run directory's lock and clears what crashed saves left; every rank learns the
+    outcome, so a refused job stops on all ranks with the holder's name."""
+    from launcher import checkpoint
+
+    outcome: list[object] = [None]
+    if rank == 0:
+        try:
+            lock.acquire()
+            cleaned = checkpoint.clean_stale(r.checkpoint_dir)
+            if cleaned:
+                print(f"ramp: removed stale {', '.join(cleaned)}", flush=True)
+        except RampError as e:
+            outcome = [str(e)]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RampError(str(outcome[0]))
+
+
 def build_trainer(r, d, schedule, table, extra_callbacks=()):
     """The trainer with ramp's standard callbacks, in the order they must run."""
     from launcher import gpu
     from launcher.callbacks.checkpointing import Checkpointing
+    from launcher.callbacks.loss_spikes import LossSpikes
     from launcher.callbacks.lr_schedule import LRSchedule
     from launcher.callbacks.manual_gc import ManualGC
     from launcher.callbacks.metrics import Metrics
@@ -189,6 +227,7 @@ def build_trainer(r, d, schedule, table, extra_callbacks=()):
     callbacks = [
         LRSchedule(schedule),
         *extra_callbacks,
+        LossSpikes(r.resilience.spike_window, r.resilience.spike_zscore),
         Metrics(
             run_dir,
             r.training.log_interval,

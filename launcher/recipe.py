@@ -333,20 +333,47 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """megatron-core dist_checkpointing; ``load`` is 'latest', a step number, or a checkpoint path."""
+    """megatron-core dist_checkpointing; ``load`` is 'auto' (resume from ``latest`` if any, else start
+    fresh: what a requeued job uses), 'latest', a step number, or a checkpoint path."""
 
     dir: str | None = None  # None: RUN_DIR/checkpoints
     interval: int = 0  # steps; 0 = only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # the most recently saved ones; never the one `latest` names
     load: str | None = None
     save_at_exit: bool = True
     load_optimizer: bool = True
+    checksums: bool = True  # sha256 of every file in the manifest, verified on load
+    # A branch (new decay, batch, seed, data) may change what fixes the data order and the schedule; it
+    # writes into its own run directory and never into the checkpoint's.
+    branch: bool = False
 
     def __post_init__(self) -> None:
         require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")
         require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last}: must be >= 1")
         if self.load is not None:
             self.load = str(self.load)
+
+
+@dataclass
+class ResilienceConfig:
+    """What a run does about bad steps and hangs."""
+
+    max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
+    spike_window: int = 50  # steps of loss history for the spike z-score (0 disables)
+    spike_zscore: float = 6.0  # a loss this many standard deviations above the window is logged as a spike
+    collective_timeout_s: int = 600  # a collective that waits longer fails instead of hanging
+    heartbeat_s: float = 5.0  # ranks check each other this often; a peer silent for 3 beats is named; 0: off
+    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        require(self.max_bad_steps >= 1, f"resilience.max_bad_steps={self.max_bad_steps}: must be >= 1")
+        require(self.spike_window >= 0, f"resilience.spike_window={self.spike_window}: must be >= 0")
+        require(self.heartbeat_s >= 0, f"resilience.heartbeat_s={self.heartbeat_s}: must be >= 0")
+        _positive(
+            "resilience",
+            spike_zscore=self.spike_zscore,
+            collective_timeout_s=self.collective_timeout_s,
+        )
 
 
 @dataclass
@@ -402,6 +429,7 @@ class Recipe:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)  # GPU fast paths; ignored on CPU
     cluster: ClusterConfig | None = None  # the machines --dry-run plans memory for
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -659,6 +687,12 @@ def load(recipe: str | Path | dict[str, Any], overrides: list[str] | None = None
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise RampError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        sections = [f.name for f in dataclasses.fields(Recipe) if f.name != "name"]
+        require(
+            isinstance(data, dict) and any(k in sections for k in data),
+            f"recipe {path} has no sections (expected some of: {', '.join(sections)}); "
+            "start from a recipe under recipes/",
+        )
         data.setdefault("name", path.stem)
     data = apply_overrides(data, list(overrides or []))
     return _build(Recipe, _walk_suffixes(data), "")

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, data, gpu, layout, model, optim, parametrization
+from launcher import checkpoint, data, gpu, layout, model, optim, parametrization, resilience
 from launcher.callbacks.base import Callback
-from launcher.errors import require
+from launcher.errors import RampError, require
 from launcher.laws.mup import MupTable
+from launcher.laws.schedule import resolve_schedule
 from launcher.recipe import Derived, Recipe
 
 
@@ -64,6 +65,8 @@ class Trainer:
         self._signalled = False  # set by SIGTERM on this rank
         self.stop_requested = False  # set only when all ranks agree, so every rank leaves at the same step
         self.last_eval: dict[str, float] = {}
+        self.guard = resilience.BadStepGuard(recipe.resilience.max_bad_steps)
+        self.loaded_from: Path | None = None
         self._build()
 
     # -- construction -------------------------------------------------------------------------------------
@@ -104,6 +107,8 @@ class Trainer:
         # The schedules take the micro-batch count per call (a batch change needs nothing else);
         # megatron's global micro-batch calculator is only read by CUDA graphs, which ramp does not use.
         self.forward_backward = get_forward_backward_func()
+        schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+        self.fingerprint = resilience.fingerprint(r, self.bundle.index_key, schedule)
 
     # -- checkpoint interface --------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -112,6 +117,7 @@ class Trainer:
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "layout": layout.sizes(),
             "recipe": self.recipe.to_dict(),
+            "fingerprint": self.fingerprint,
         }
 
     def save_checkpoint(self) -> Path:
@@ -123,16 +129,34 @@ class Trainer:
             self.optimizer,
             self.trainer_state(),
             self.recipe.checkpoint.keep_last,
+            checksums=self.recipe.checkpoint.checksums,
         )
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, str(path))
         return path
 
-    def load_checkpoint(self, spec: str) -> Path:
-        path = checkpoint.resolve(spec, self.recipe.checkpoint_dir)
-        saved = checkpoint.load(
-            path, self.chunks, self.optimizer, with_optimizer=self.recipe.checkpoint.load_optimizer
+    def load_checkpoint(self, spec: str) -> Path | None:
+        """Resolve ``spec`` on rank 0 (verifying checksums) and load on every rank; None: start fresh."""
+        ck = self.recipe.checkpoint
+        found: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                found = [checkpoint.resolve(spec, self.recipe.checkpoint_dir, verify_checksums=ck.checksums)]
+            except RampError as e:
+                found = [e]
+        dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], RampError):
+            raise found[0]
+        path = found[0]
+        if path is None:
+            return None
+        if ck.branch:
+            resilience.check_branch_target(path, self.recipe.checkpoint_dir)
+        resilience.check_resume(
+            checkpoint.read_trainer_state(path).get("fingerprint"), self.fingerprint, ck.branch, path
         )
+        saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=ck.load_optimizer)
+        self.loaded_from = path
         self.state = TrainState(**saved["state"])
         # The checkpoint carries the data position; the batch size is the recipe's (a fork at a larger
         # batch, or a batch-size schedule callback, sets it from there).
@@ -179,9 +203,11 @@ class Trainer:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
         lm = _mean_over_last_stage([x["lm_loss"] for x in losses])
         aux = self._moe_aux_losses(len(batches))
+        if self.state.step + 1 in self.recipe.resilience.inject_nan_steps:
+            resilience.poison_grads(self.chunks)
+        ok, grad_norm = self.guard.step(self.optimizer, lm + sum(aux.values()), self.state)
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.recipe.model.seq_length
@@ -192,6 +218,7 @@ class Trainer:
             **({"z_loss": aux["z_loss"]} if "z_loss" in aux else {}),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": float(bool(ok)),
+            "bad_steps": self.state.extra.get("bad_steps", {}).get("total", 0),
         }
 
     def _moe_aux_losses(self, num_microbatches: int) -> dict[str, float]:

@@ -17,6 +17,13 @@ class Checkpointing(Callback):
         self.interval, self.save_at_exit = interval, save_at_exit
         self._saved_step = -1
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        # A requeued finished run loads its last checkpoint: saving that step again would be a no-op at
+        # best, so do not.
+        loaded = trainer.loaded_from
+        if loaded is not None and loaded.parent.resolve() == trainer.recipe.checkpoint_dir.resolve():
+            self._saved_step = trainer.state.step
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = trainer.state.step
         if self.interval and step % self.interval == 0:

@@ -72,10 +72,20 @@ class Metrics(Callback):
         """On resume, drop records past the checkpoint so the file tells one consistent history."""
         if not self.path.exists():
             return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for i, ln in enumerate(self.path.read_text().splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                rec = json.loads(ln)
+            except ValueError:  # a kill during an append tears the line being written
+                print(f"ramp: {self.path}: dropped torn line {i} ({ln[:40]!r}...)", file=sys.stderr)
+                continue
+            if rec["step"] <= step:
+                keep.append(ln)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         st = trainer.state
@@ -96,8 +106,9 @@ class Metrics(Callback):
             "tokens_per_s": self._window_tokens / max(self._window_time, 1e-9),
             "step_time": metrics["step_time"],
         }
-        if "z_loss" in metrics:
-            rec["z_loss"] = metrics["z_loss"]
+        for key in ("z_loss", "loss_z", "bad_steps"):
+            if key in metrics:
+                rec[key] = metrics[key]
         self._window_time, self._window_tokens = 0.0, 0
         self._write(rec)
         if self.writer:

@@ -26,6 +26,7 @@ def test_decay_branch_from_stable_checkpoint(tmp_path):
         f"schedule.decay.length_tokens={(STEPS - BRANCH_AT) * TOKENS_PER_STEP}",
         "schedule.decay.shape=linear",
         f"checkpoint.load={step_checkpoint(main, BRANCH_AT)}",
+        "checkpoint.branch=true",  # a new decay moves the schedule: an explicit branch, in its own run dir
     ]
     branch = run_ramp(tmp_path / "branch", branch_sets).check()
 

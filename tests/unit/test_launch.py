@@ -7,6 +7,7 @@ or a filter we read differently from DeepSpeed fails here, not on a cluster.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -442,7 +443,9 @@ def test_sbatch_template_starts_one_launcher_per_node(tmp_path: Path, launcher: 
     tail = "-m launcher.pretrain" if launcher == "torchrun" else "--module launcher.pretrain"
     port = str(20000 + 4242 % 20000)
     for rank, cmd in enumerate(cmds):
-        assert cmd.endswith(f"{tail} --recipe moe-tiny --set training.train_steps=3"), cmd
+        # load=auto first (a requeued job resumes, the first start trains fresh), the user's sets after it
+        want = f"{tail} --recipe moe-tiny --set checkpoint.load=auto --set training.train_steps=3"
+        assert cmd.endswith(want), cmd
         if launcher == "deepspeed":
             assert f"--no_ssh --node_rank {rank} --master_addr node-a --master_port {port}" in cmd
         else:
@@ -470,3 +473,31 @@ def test_plain_pytest_collects_the_dist_tests(pytestconfig: pytest.Config):
     dist_dir = REPO / "tests" / "dist"
     skipped_by = [p for p in pytestconfig.getini("norecursedirs") if fnmatch_ex(p, dist_dir)]
     assert not skipped_by, f"norecursedirs pattern(s) {skipped_by} hide tests/dist from `pytest`"
+
+
+def test_sbatch_template_forwards_the_time_limit_signal_and_requeues(tmp_path: Path):
+    """Slurm's B:TERM before the time limit reaches the job step, and the job requeues itself."""
+    env = _fake_slurm(tmp_path)
+    calls = tmp_path / "calls"
+    (tmp_path / "bin" / "scontrol").write_text(
+        '#!/bin/bash\nif [[ $1 == requeue ]]; then echo "$@" >>'
+        + f"{calls}"
+        + '; else printf "node-a\\n"; fi\n'
+    )
+    # The job step: records that it got SIGTERM (ramp would checkpoint and exit 0 here).
+    (tmp_path / "bin" / "srun").write_text(
+        f"#!/bin/bash\ntrap 'echo step-got-TERM >>{calls}; exit 0' TERM\nwhile true; do sleep 0.1; done\n"
+    )
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), "moe-tiny"],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert calls.read_text().splitlines() == ["step-got-TERM", "requeue 4242"], out
+    assert "requeueing job 4242 (time limit" in out

@@ -120,3 +120,12 @@ def test_dry_run_prints_plan(capsys, monkeypatch):
     assert pretrain.main(["--recipe", "moe-tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dp=2" in out and "train_steps=" in out
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "name: x\n", "trainig:\n  seed: 1\n"])
+def test_empty_or_sectionless_recipe_is_refused(text, tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert pretrain.main(["--recipe", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no sections" in err, err

@@ -1,0 +1,207 @@
+"""Resume consistency and bad steps.
+
+A checkpoint's data position (``consumed_samples``) indexes an order fixed by the data, the split, the
+seed and the sequence length, and its step sits on a schedule fixed in tokens: :func:`fingerprint` names
+those values and :func:`check_resume` refuses a resume that changes one, unless the run is a branch.
+:class:`BadStepGuard` skips an update whose loss or gradient norm is not finite (exactly: the optimizer is
+not stepped, so weights and Adam moments stay as they were) and stops the run after too many in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from launcher.errors import RampError
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (not a user-input problem): printed as one line, exit 3."""
+
+
+def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
+    """Everything that fixes the data order and the LR schedule, as flat ``section.key`` fields."""
+    fp: dict[str, Any] = {
+        "data.paths": recipe.data.paths,
+        "data.tokenizer": recipe.data.tokenizer,
+        "data.split": recipe.data.split,
+        "data.max_epochs": recipe.data.max_epochs,
+        "data.content": data_key,
+        "training.seed": recipe.training.seed,
+        "model.seq_length": recipe.model.seq_length,
+        "optimizer.lr": recipe.optimizer.lr,
+    }
+    points = schedule.to_dict()
+    # Lengthening a run is fine while the schedule's points stay put; without a decay (constant) the
+    # decay points are only the run's end.
+    ignored = {"total_tokens"} | ({"decay_start", "decay_end"} if points.get("shape") == "none" else set())
+    for k, v in points.items():
+        if k not in ignored:
+            fp[f"schedule.{k}"] = v
+    return fp
+
+
+def check_resume(
+    saved: dict[str, Any] | None, current: dict[str, Any], branch: bool, path: Path
+) -> list[str]:
+    """The fields that differ; a RampError naming the first unless ``branch``."""
+    if saved is None:  # a checkpoint from before fingerprints (or ramp-convert): nothing to compare
+        return []
+    changed = [k for k in sorted(set(saved) | set(current)) if _plain(saved.get(k)) != _plain(current.get(k))]
+    if changed and not branch:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise RampError(
+            f"resuming {path} changes {k}: the checkpoint has {saved.get(k)!r}, this run {current.get(k)!r}"
+            f"{more}; restore it, or branch into a new logging.run_dir with checkpoint.branch=true"
+        )
+    return changed
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_branch_target(loaded: Path, checkpoint_dir: Path) -> None:
+    """A branch writes into its own run directory: never beside the checkpoint it starts from."""
+    if loaded.resolve().parent == checkpoint_dir.resolve():
+        raise RampError(
+            f"checkpoint.branch=true but {loaded} is in this run's checkpoint directory; a branch writes its "
+            f"checkpoints and metrics elsewhere: set logging.run_dir to a new directory"
+        )
+
+
+def poison_grads(chunks) -> None:
+    """Fault injection: a NaN in the first gradient, as a bad batch or a flipped bit would make."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                grad = p.grad
+            if grad is not None:
+                grad.view(-1)[0] = float("nan")
+                return
+
+
+class BadStepGuard:
+    """Decides before the optimizer step; keeps its counts in the trainer state (so they resume)."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+
+    def step(self, optimizer, loss: float, state) -> tuple[bool, float | None]:
+        """Step ``optimizer`` unless ``loss`` or the global grad norm is non-finite. Returns
+        (updated, grad_norm). The norm check costs one extra norm reduction per step."""
+        counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
+        norm = None
+        if math.isfinite(loss):
+            optimizer.prepare_grads()
+            norm = optimizer.get_grad_norm()
+            norm = float(norm) if norm is not None else None
+        step_no = state.step + 1
+        if norm is not None and math.isfinite(norm) and math.isfinite(loss):
+            ok, grad_norm, _ = optimizer.step()
+            require_ok(ok, step_no)
+            counts["in_a_row"] = 0
+            return True, float(grad_norm) if grad_norm is not None else norm
+        counts["total"] += 1
+        counts["in_a_row"] += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {norm}"
+        if dist.get_rank() == 0:
+            print(f"ramp: step {step_no}: {what}; update skipped ({counts['total']} so far)", flush=True)
+        if counts["in_a_row"] >= self.max_in_a_row:
+            raise RunStopped(
+                f"step {step_no}: {counts['in_a_row']} non-finite steps in a row ({what}); stopping "
+                f"(resilience.max_bad_steps={self.max_in_a_row}); resume from the last checkpoint with a "
+                "lower LR or other data"
+            )
+        return False, norm if norm is not None else float("nan")
+
+
+def require_ok(ok: bool, step_no: int) -> None:
+    if not ok:  # megatron found inf/nan itself (fp16 loss scaling); our check ran first, so say so
+        raise RunStopped(f"step {step_no}: the optimizer refused the update after ramp's finite check")
+
+
+class Heartbeat:
+    """Every rank bumps a counter in the launcher's TCP store each ``every_s`` and reads its peers'.
+    A peer whose counter has not moved for ``misses`` beats (dead, frozen, or its node gone) is named and
+    this rank exits non-zero, instead of waiting in a collective until the collective timeout. Counters,
+    not clocks: hosts need not agree on the time. A store that stops answering means the store's host
+    (the launcher of node 0) is gone."""
+
+    def __init__(self, every_s: float, misses: int = 3) -> None:
+        self.every_s, self.misses = every_s, misses
+        self._stop = threading.Event()
+        self._prefix: str | None = None
+
+    def start(self) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world == 1 or self.every_s <= 0:
+            return
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        prefix = self._prefix = f"ramp/hb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store = dist.TCPStore(
+            host, port, is_master=False, timeout=datetime.timedelta(seconds=self.every_s * self.misses)
+        )
+        threading.Thread(
+            target=self._run, args=(store, prefix, rank, world), name="ramp-heartbeat", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        """Before leaving normally: peers then read this rank's 'done' key, not a silence."""
+        if self._prefix is None or self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(Exception):  # a client of its own: the thread's may be mid-call
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=self.every_s),
+            )
+            store.set(f"{self._prefix}/done/{dist.get_rank()}", "1")
+
+    def _run(self, store, prefix: str, rank: int, world: int) -> None:
+        seen: dict[int, tuple[int, int]] = {}  # peer -> (last counter, beats without change)
+        beat = 0
+        while not self._stop.wait(self.every_s):
+            try:
+                beat += 1
+                store.add(f"{prefix}/{rank}", 1)
+                for peer in range(world):
+                    if peer == rank or store.check([f"{prefix}/done/{peer}"]):
+                        continue
+                    count = store.add(f"{prefix}/{peer}", 0)
+                    last, still = seen.get(peer, (-1, 0))
+                    still = still + 1 if count == last else 0
+                    seen[peer] = (count, still)
+                    if still >= self.misses and beat > self.misses:
+                        _die(f"rank {peer} has not answered for {still * self.every_s:.0f}s (dead or hung)")
+            except Exception as e:  # the store went away with its host
+                if not self._stop.is_set():
+                    _die(f"the rendezvous store at {os.environ['MASTER_ADDR']} stopped answering ({e})")
+                return
+
+
+def _die(message: str) -> None:
+    print(f"ramp: error: rank {dist.get_rank()}: {message}; exiting", file=sys.stderr, flush=True)
+    kill_children()
+    os._exit(4)
+
+
+def kill_children() -> None:
+    """The processes this one forked (data and checkpoint helpers) go with it."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()

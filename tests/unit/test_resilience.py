@@ -1,0 +1,66 @@
+"""Pure pieces of the resilience work: atomic directory swap, lock holders, spike z-score, resume check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from launcher import checkpoint, resilience, runlock
+from launcher.callbacks.loss_spikes import zscore
+from launcher.errors import RampError
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("from a")
+    (b / "x").write_text("from b")
+    checkpoint.exchange(a, b)
+    assert (a / "x").read_text() == "from b" and (b / "x").read_text() == "from a"
+
+
+def test_lock_held_by_a_live_process_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    held = runlock.RunLock(tmp_path)
+    held.acquire()
+    holder = json.loads((tmp_path / runlock.LOCK_NAME).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(RampError, match=f"in use by pid {os.getpid()} on {socket.gethostname()}"):
+        runlock.RunLock(tmp_path).acquire()
+    held.release()
+    assert not (tmp_path / runlock.LOCK_NAME).exists()
+    # A holder that exited (its pid no longer runs) leaves a stale lock: the next job takes it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    started = 1.0
+    (tmp_path / runlock.LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": started})
+    )
+    assert not psutil.pid_exists(dead.pid) or psutil.Process(dead.pid).create_time() != started
+    fresh = runlock.RunLock(tmp_path)
+    fresh.acquire()
+    assert json.loads((tmp_path / runlock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    fresh.release()
+
+
+def test_zscore_matches_statistics():
+    history = [3.0, 2.9, 3.1, 3.05, 2.95, 3.0, 2.98, 3.02, 3.01, 2.99]
+    expected = (4.0 - statistics.mean(history)) / statistics.stdev(history)
+    assert zscore(4.0, history) == pytest.approx(expected, rel=1e-12)
+
+
+def test_resume_check_names_the_field_and_both_values(tmp_path):
+    saved = {"training.seed": 1, "data.split": "98,2,0"}
+    with pytest.raises(RampError, match=r"changes training\.seed: the checkpoint has 1, this run 2"):
+        resilience.check_resume(saved, {"training.seed": 2, "data.split": "98,2,0"}, False, tmp_path)
+    assert resilience.check_resume(saved, {"training.seed": 2, "data.split": "98,2,0"}, True, tmp_path) == [
+        "training.seed"
+    ]
+    assert resilience.check_resume(None, {"training.seed": 2}, False, tmp_path) == []
