@@ -227,7 +227,8 @@ def test_missing_shard_is_refused_and_nothing_is_written(case, tmp_path):
     p = convert("to-hf", broken, out)
     errors = [line for line in p.stderr.splitlines() if line.startswith("ramp: error:")]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert f"missing the shard file {victim}" in errors[0]
+    # The checkpoint's manifest (checkpoint.py) catches it first; without one the reader names the shard.
+    assert victim in errors[0] and "missing" in errors[0], errors[0]
     assert not out.exists() and not list(tmp_path.glob(".hf*"))
 
 
