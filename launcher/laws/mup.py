@@ -20,7 +20,7 @@ dense_mlp.fc2      m_ffn      1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L
 experts.fc1        m_d        1/m * m_L^(a-1)     sigma/sqrt(m)        1/m * m_L^-a
 experts.fc2        m_e        1/m * m_L^(a-1)     sigma/sqrt(m * 2L*)  1/m * m_L^-a
 shared_experts.*   as experts (fc2 fan-in: shared expert hidden size)
-router             m_d        1/m * m_L^(a-1)     sigma/m              m_L^-a   (output-like)
+router             m_d        1/m * m_L^(a-1)     sigma/m              1/m * m_L^-a   (output-like)
 output (logits)    -          1                   sigma                1/m_d   logits x output_mult/m_d
 output (lr)        -          1/m_d               sigma/m_d            1       logits x output_mult
 norms, biases      -          1                   ones / zeros         1   no weight decay
@@ -494,7 +494,10 @@ def multiplier_table(
             groups.append(hidden("shared_experts.fc1", m_d, False, "fan-in hidden"))
             groups.append(hidden("shared_experts.fc2", m_s, True, "fan-in shared expert hidden size"))
         # Output-like (fan-out = experts, fixed): Tensor Programs V Table 3, init std sigma/m, LR 1/m.
-        router_eps = depth_eps if mup.scale_eps else 1.0
+        # eps as the hidden matrices' (smaller than its O(1) gradients need, which is harmless): megatron
+        # matches param groups by (wd_mult, lr_mult) when loading, so a group differing only in eps from the
+        # hidden matrices' would not load.
+        router_eps = depth_eps / m_d if mup.scale_eps else 1.0
         groups.append(
             _group(
                 "router",

@@ -13,7 +13,7 @@ Adam eps 1e-8, independent decay (lr x wd fixed per group):
 
 * hidden matrices (qkv, attention out, dense and expert and shared fc1/fc2): LR x 1/m x m_L^(-1/2) = 1/(2 sqrt 2),
   weight decay 0.1 x 2 sqrt 2, eps x 1/m x m_L^(-1/2);
-* router (output-like): LR x 1/(2 sqrt 2), weight decay 0.1 x 2 sqrt 2, eps x m_L^(-1/2) (no width factor);
+* router (output-like init): LR x 1/(2 sqrt 2), weight decay 0.1 x 2 sqrt 2, eps x 1/(2 sqrt 2);
 * embedding (tied head): LR x 1, weight decay 0.1, eps x 1/m;
 * norm gains: weight decay 0, LR x 1, eps x 1.
 
@@ -63,7 +63,7 @@ EXPECTED = {
     "experts.fc2": (1 / R2, WD * R2, 1 / R2),
     "shared_experts.fc1": (1 / R2, WD * R2, 1 / R2),
     "shared_experts.fc2": (1 / R2, WD * R2, 1 / R2),
-    "router": (1 / R2, WD * R2, 1 / math.sqrt(2)),
+    "router": (1 / R2, WD * R2, 1 / R2),
     "embedding": (1.0, WD, 1 / 2),
     "norms": (1.0, 0.0, 1.0),
 }

@@ -84,7 +84,7 @@ def test_hidden_matrices_scale_as_one_over_width(k: int) -> None:
     assert t["norms"].eps_mult == 1.0
     # The router is output-like (fan-out = 4 experts at every width): init sigma/k, LR 1/k, eps 1.
     router = t["router"]
-    assert (router.lr_mult, router.eps_mult) == (pytest.approx(1 / k), 1.0)
+    assert (router.lr_mult, router.eps_mult) == (pytest.approx(1 / k), pytest.approx(1 / k))
     assert router.init_std == pytest.approx(m.init_method_std / k)
     assert t.output_logit_mult == pytest.approx(1 / k)
     assert t.softmax_scale == pytest.approx(math.sqrt(16) / (16 * k))  # 4 heads: head dim 16k, 1/d
@@ -137,7 +137,7 @@ def test_depth_residual_multiplier_and_block_lr(alpha: float) -> None:
         assert t[name].lr_mult == pytest.approx(0.5 * 4 ** (alpha - 1)), name
         assert t[name].eps_mult == pytest.approx(0.5 * 4**-alpha), name
     assert t["router"].lr_mult == pytest.approx(0.5 * 4 ** (alpha - 1))  # a block matrix
-    assert t["router"].eps_mult == pytest.approx(4**-alpha)  # O(1) gradients in width
+    assert t["router"].eps_mult == pytest.approx(0.5 * 4**-alpha)  # as hidden: one group when loading
     # Output projections keep the base depth's init; the residual multiplier carries the depth scaling.
     assert t["attention_out"].init_std == pytest.approx(m.init_method_std / math.sqrt(2 * 4) / math.sqrt(2))
     for name in ("embedding", "output", "norms"):
@@ -341,7 +341,7 @@ def test_table_agrees_with_megatron_main_mup(k: int) -> None:
         # ramp's deliberate differences (laws/mup.py docstring): the router is output-like (init
         # sigma/k; same LR and eps as megatron only at k = 1); embedding and output eps x 1/k.
         if group_of(name) == "router":
-            lr, eps, std = lr, 1.0, m.init_method_std / k
+            std = m.init_method_std / k
         elif group_of(name) in ("embedding", "output"):
             eps = 1.0 / k
         assert (g.lr_mult, g.eps_mult) == (pytest.approx(lr), pytest.approx(eps)), name
