@@ -35,7 +35,9 @@ coordinate check, ``tools/mup_coord_check.py``, which tracks every module type):
 * **router**: its fan-out is the number of experts, which does not grow with width. Tensor Programs V
   (Table 3) treats such a matrix as output-like: init variance ~ 1/fan_in^2 (std sigma/m_d), Adam LR
   ~ 1/fan_in. Its gradient entries are O(1) in width (the gate's gradient sums the residual stream's
-  1/width-sized entries over width coordinates), so its Adam eps does not shrink with width. As a hidden
+  1/width-sized entries over width coordinates), so its Adam eps need not shrink with
+  width; it does anyway (as the hidden matrices'), because megatron identifies groups by (wd_mult, lr_mult)
+  when loading a checkpoint and a group differing only in eps would not load. As a hidden
   matrix (the first landing, and megatron's use_mup) its logits start O(1) at every width, so a wide
   model's initial routing is as peaked as the base's instead of tending to uniform.
 * **eps of embedding and output (logit-scaled)**: under muP the gradient reaching the residual stream has
