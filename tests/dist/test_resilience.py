@@ -25,10 +25,11 @@ pytestmark = pytest.mark.dist
 
 STEPS, EVERY = 8, 2
 TOKENS_PER_STEP = 16 * 64
-# Warmup over steps 1-3, stable 4-5, decay over 6-8: checkpoints at 2 (mid-warmup) and 6 (mid-decay).
+# A step's LR is the schedule at the tokens after it: warmup over steps 1-4 (peak at step 4), stable at 5,
+# decay over 6-8: checkpoints at 2 (mid-warmup) and 6 (mid-decay).
 WSD = [
     "schedule.style=wsd",
-    f"schedule.warmup_tokens={3 * TOKENS_PER_STEP}",
+    f"schedule.warmup_tokens={4 * TOKENS_PER_STEP}",
     f"schedule.decay.start_tokens={5 * TOKENS_PER_STEP}",
     f"schedule.decay.length_tokens={3 * TOKENS_PER_STEP}",
     "schedule.min_lr_ratio=0.1",
