@@ -118,7 +118,7 @@ def train_one(sets: list[str], steps: int, work: Path) -> dict:
     with trainer_for(sets, work) as trainer:
         try:
             for step in range(1, steps + 1):
-                trainer._emit("on_step_start")
+                trainer.emit("on_step_start")
                 losses.append(trainer.train_step()["lm_loss"])
                 if not math.isfinite(losses[-1]):
                     raise FloatingPointError(f"loss {losses[-1]} at step {len(losses)}")

@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     import patches
-    from launcher import data, layout, optim, pretrain, recipe
-    from launcher.trainer import _forward_step
+    from launcher import build, data, layout, optim, recipe
+    from launcher.trainer import forward_step
 
     run_dir = Path(tempfile.mkdtemp(prefix="ramp-bench-"))
     total_steps = args.warmup * 2 + args.blocks * args.steps_per_block * 2 + 1
@@ -56,12 +56,12 @@ def main() -> None:
     r = recipe.load("moe-tiny", sets)
     env = layout.Env.from_environ()
     d = r.derive(env.world_size)
-    schedule, table = pretrain.schedule_and_table(r, d)
+    schedule, table = build.schedule_and_table(r, d)
     patches.apply_all(cpu=True)
-    pretrain.set_threads(r, env)
+    layout.set_threads(r.training.threads, env)
     layout.init_world("cpu", env)
-    trainer = pretrain.build_trainer(r, d, schedule, table)
-    trainer._emit("on_train_start")
+    trainer = build.build_trainer(r, d, schedule, table)
+    trainer.emit("on_train_start")
 
     def ramp_step() -> None:
         trainer.step()
@@ -88,7 +88,7 @@ def main() -> None:
             r.optimizer.weight_decay,
         )
         trainer.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=iter(batches),
             model=trainer.chunks[0],
             num_microbatches=len(batches),

@@ -39,7 +39,11 @@ import torch.distributed as dist
 from launcher import layout
 from launcher.errors import RampError, require
 
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+def sharding_metadata() -> dict[str, Any]:
+    """A new dict per call: megatron-core caches the data-parallel group *into* the dict it is given
+    (``ensure_metadata_has_dp_cp_group``), so a shared one would carry the old layout's group into the next
+    (after a relayout, replica ids computed from a dead group made the load's access check fail)."""
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "ramp_manifest.json"
 _HASH_BLOCK = 1 << 22
@@ -215,12 +219,13 @@ def sharded_state_dict(
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd: dict[str, Any] = {}
+    metadata = sharding_metadata()
     for key, chunk in _model_keys(chunks):
-        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
     if with_optimizer:
         model_sd = sd["model"] if len(chunks) == 1 else {k: v for k, v in sd.items() if k.startswith("model")}
         sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=SHARDING_METADATA
+            model_sd, is_loading=is_loading, metadata=metadata
         )
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()

@@ -20,6 +20,12 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def set_threads(threads: int | None, env: Env) -> None:
+    """torch threads per process: ``threads`` if given, else this process's share of the cores."""
+    n = threads or max(1, available_cores() // max(env.local_world_size, 1))
+    torch.set_num_threads(n)
+
+
 @dataclass(frozen=True)
 class Env:
     """What the launcher (deepspeed, torchrun, srun or none) told this process."""
@@ -98,11 +104,41 @@ def init_parallel(p: ParallelConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_parallel() -> None:
-    """Drop megatron's layout so a new one can be built in the same processes (rebalance)."""
+def destroy_parallel(free_groups: bool = True) -> None:
+    """Drop megatron's layout so a new one can be built in the same processes (a relayout).
+
+    ``destroy_model_parallel`` only forgets its groups; with ``free_groups`` their communicators (gloo
+    pairs, NCCL communicators) are destroyed too, or every switch would leak a set. Every rank calls this.
+    """
     from megatron.core import parallel_state as ps
 
+    groups = _layout_groups(ps) if free_groups else []
     ps.destroy_model_parallel()
+    registered = dist.distributed_c10d._world.pg_map  # what destroy_process_group accepts
+    for g in groups:
+        if g in registered:
+            dist.destroy_process_group(g)
+
+
+def _layout_groups(ps) -> list[dist.ProcessGroup]:
+    """The process groups megatron's module globals hold for this rank (not the world's default group)."""
+    found: dict[int, dist.ProcessGroup] = {}
+
+    def visit(v) -> None:
+        if isinstance(v, dist.ProcessGroup):
+            if v is not dist.GroupMember.WORLD and v != dist.group.WORLD:
+                found.setdefault(id(v), v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    for name, value in vars(ps).items():
+        if name.startswith("_") and name.upper() == name:
+            visit(value)
+    return list(found.values())
 
 
 def sizes() -> dict[str, int]:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file by a launcher: make the project i
 
 import torch
 
-from launcher import layout
+from launcher import build, layout
 from launcher.errors import RampError
 
 
@@ -43,28 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def schedule_and_table(r, d):
-    """The token LR schedule and the parameter-group multiplier table the recipe implies."""
-    from launcher.laws.mup import multiplier_table
-    from launcher.laws.schedule import resolve_schedule
-
-    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
-    table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
-    return schedule, table
-
-
-def plan(args: argparse.Namespace):
+def plan(args: argparse.Namespace) -> build.RunPlan:
     """Everything decided before processes talk to each other: recipe, derived sizes, schedule, muP."""
-    from launcher import checkpoint, recipe
+    from launcher import recipe
 
-    r = recipe.load(args.recipe, args.set)
-    r.data = r.data.absolute()  # the run records where its data is, readable from any directory
     env = layout.Env.from_environ()
-    d = r.derive(*world_and_cuda(args, r, env))
-    schedule, table = schedule_and_table(r, d)
-    if r.checkpoint.load is not None:
-        checkpoint.resolve(r.checkpoint.load, r.checkpoint_dir)
-    return r, d, env, schedule, table
+    r = recipe.load(args.recipe, args.set)
+    world, cuda = world_and_cuda(args, r, env)
+    return build.plan_run(args.recipe, args.set, world, cuda, env)
 
 
 def planning_for_cluster(args: argparse.Namespace, r, env: layout.Env) -> bool:
@@ -90,18 +76,11 @@ def gpu_plan(args: argparse.Namespace, r, d, env: layout.Env):
     return resolved, mem
 
 
-def set_threads(recipe, env: layout.Env) -> None:
-    if recipe.training.threads:
-        n = recipe.training.threads
-    else:
-        n = max(1, layout.available_cores() // max(env.local_world_size, 1))
-    torch.set_num_threads(n)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        r, d, env, schedule, table = plan(args)
+        p = plan(args)
+        r, d, env, schedule, table = p.recipe, p.derived, p.env, p.schedule, p.table
         resolved, mem = gpu_plan(args, r, d, env)
     except RampError as e:
         print(f"ramp: error: {e}", file=sys.stderr)
@@ -112,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         print(f"ramp: {r.name}: " + " ".join(d.lines()), flush=True)
         print(f"ramp: lr schedule: {schedule.describe()}", flush=True)
+        print(f"ramp: batch phases:\n{d.format_phases()}", flush=True)
         print(
             f"ramp: parameter groups ({'muP' if r.mup.enabled else 'standard'}):\n{table.format_table()}",
             flush=True,
@@ -131,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if "LOCAL_RANK" in os.environ or args.local_rank is not None:
         runlock.die_with_parent()  # a killed launcher never leaves workers training
     applied = patches.apply_all(cpu=d.device == "cpu")
-    set_threads(r, env)
+    layout.set_threads(r.training.threads, env)
     layout.init_world(d.device, env, timeout_min=r.resilience.collective_timeout_s / 60)
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
@@ -140,19 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start()
     try:
         _take_run_dir(lock, r, env.rank)
-        trainer = build_trainer(r, d, schedule, table)
+        from launcher.trainer import find_checkpoint, resume_tokens
+
+        resume = find_checkpoint(r)
+        trainer = build.build_trainer(r, d, schedule, table, start_tokens=resume_tokens(resume))
         if env.rank == 0 and d.device == "cuda":
             built = ", ".join(f"{k} {v}" for k, v in gpu.built_classes(trainer.chunks).items())
             print(f"ramp: built: {built}", flush=True)
-        if r.checkpoint.load is not None:
-            path = trainer.load_checkpoint(r.checkpoint.load)
-            if env.rank == 0:
-                where = (
-                    f"resumed from {path} at step {trainer.state.step}"
-                    if path
-                    else "no checkpoint: fresh start"
-                )
-                print(f"ramp: {where}", flush=True)
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        if env.rank == 0 and r.checkpoint.load is not None:
+            where = "no checkpoint: fresh start"
+            if resume is not None:
+                where = f"resumed from {resume} at step {trainer.state.step}"
+            print(f"ramp: {where}", flush=True)
         trainer.fit()
         heartbeat.stop()
         # Leave together: rank 0 hosts the rendezvous store, and a gloo peer that disappears while the
@@ -206,48 +187,6 @@ def _take_run_dir(lock, r, rank: int) -> None:
     torch.distributed.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
         raise RampError(str(outcome[0]))
-
-
-def build_trainer(r, d, schedule, table, extra_callbacks=()):
-    """The trainer with ramp's standard callbacks, in the order they must run."""
-    from launcher import gpu
-    from launcher.callbacks.checkpointing import Checkpointing
-    from launcher.callbacks.loss_spikes import LossSpikes
-    from launcher.callbacks.lr_schedule import LRSchedule
-    from launcher.callbacks.manual_gc import ManualGC
-    from launcher.callbacks.metrics import Metrics
-    from launcher.callbacks.plotting import Plots
-    from launcher.corpus import TOKENIZER_FILE
-    from launcher.trainer import Trainer
-
-    run_dir = r.run_dir
-    if torch.distributed.get_rank() == 0:
-        r.dump(run_dir / "config.yaml")
-        (run_dir / "mup_table.json").write_text(table.to_json())
-    callbacks = [
-        LRSchedule(schedule),
-        *extra_callbacks,
-        LossSpikes(r.resilience.spike_window, r.resilience.spike_zscore),
-        Metrics(
-            run_dir,
-            r.training.log_interval,
-            d.train_steps,
-            r.logging.tensorboard,
-            r.logging.wandb,
-            r.name,
-            r.to_dict(),
-        ),
-        Checkpointing(r.checkpoint.interval, r.checkpoint.save_at_exit),
-    ]
-    if r.logging.plots:
-        callbacks.append(Plots(run_dir))
-    settings = gpu.resolve(r, d.device)
-    if settings.manual_gc:
-        callbacks.append(ManualGC(int(settings.manual_gc_interval)))
-    trainer = Trainer(r, d, table, callbacks)
-    if torch.distributed.get_rank() == 0:  # the run directory keeps its tokenizer (ramp-convert reads it)
-        trainer.bundle.tokenizer.save(run_dir / TOKENIZER_FILE)
-    return trainer
 
 
 if __name__ == "__main__":

@@ -396,9 +396,33 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """One batch phase of a run: its global batch, the steps and tokens it spans, and its layout."""
+
+    batch: int  # sequences per step
+    first_step: int  # steps done when the phase starts
+    start_tokens: int  # tokens consumed when the phase starts
+    steps: int
+    end_tokens: int
+    parallel: ParallelConfig
+    micro_batch_size: int
+    dp: int
+    num_microbatches: int
+
+    def same_layout(self, other: PhasePlan) -> bool:
+        return self.parallel == other.parallel and self.micro_batch_size == other.micro_batch_size
+
+    def describe_layout(self) -> str:
+        p = self.parallel
+        vpp = f" vpp{p.vpp}" if p.vpp and p.vpp > 1 else ""
+        return f"tp{p.tp} pp{p.pp}{vpp} ep{p.ep} dp{self.dp} mbs{self.micro_batch_size}"
+
+
 @dataclass
 class Derived:
-    """Quantities computed once from the recipe and the world size."""
+    """Quantities computed once from the recipe and the world size (``dp``, ``num_microbatches`` and
+    ``tokens_per_step`` are the first batch phase's; ``phases`` has every phase)."""
 
     world_size: int
     dp: int
@@ -409,9 +433,25 @@ class Derived:
     warmup_tokens: int
     device: str
     precision: str
+    phases: list[PhasePlan] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return [f"{k}={v}" for k, v in dataclasses.asdict(self).items()]
+        return [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if k != "phases"]
+
+    def phase_at(self, tokens: int) -> PhasePlan:
+        """The phase whose steps start at ``tokens`` consumed (the last phase at or past the run's end)."""
+        for ph in self.phases:
+            if tokens < ph.end_tokens:
+                return ph
+        return self.phases[-1]
+
+    def format_phases(self) -> str:
+        rows = [
+            f"  {i}: from step {ph.first_step} ({ph.start_tokens:,} tokens), {ph.steps} steps of "
+            f"{ph.batch} sequences, {ph.describe_layout()} x {ph.num_microbatches} micro-batches"
+            for i, ph in enumerate(self.phases)
+        ]
+        return "\n".join(rows)
 
 
 @dataclass
@@ -439,9 +479,18 @@ class Recipe:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
-    def derive(self, world_size: int, cuda_available: bool = False) -> Derived:
-        """Check the layout against the world size and compute the derived quantities."""
-        m, p, t = self.model, self.parallel, self.training
+    def with_layout(self, parallel: ParallelConfig, micro_batch_size: int) -> Recipe:
+        """This recipe in a batch phase's layout: what the model, DDP and optimizer are built from."""
+        return dataclasses.replace(
+            self,
+            parallel=parallel,
+            training=dataclasses.replace(self.training, micro_batch_size=micro_batch_size),
+        )
+
+    def check_layout(self, p: ParallelConfig, micro_batch_size: int, batch: int, world_size: int) -> int:
+        """The data-parallel size of layout ``p`` on ``world_size`` ranks, or a one-line error naming the key
+        that makes it impossible for a global batch of ``batch`` sequences."""
+        m, t = self.model, self.training
         require(
             world_size % p.model_parallel_size == 0,
             f"parallel: tp*pp={p.tp}*{p.pp}={p.model_parallel_size} does not divide the world size "
@@ -481,18 +530,17 @@ class Recipe:
             require(
                 bool(p.sequence_parallel), "parallel.sequence_parallel=false with tp>1 and MoE: set it true"
             )
-        per_step = t.micro_batch_size * dp
+        per_step = micro_batch_size * dp
         require(
-            t.global_batch_size % per_step == 0,
-            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp="
-            f"{t.micro_batch_size}*{dp}={per_step}; use a multiple of {per_step}",
+            batch % per_step == 0,
+            f"training.global_batch_size={batch} is not divisible by micro_batch_size*dp="
+            f"{micro_batch_size}*{dp}={per_step}; use a multiple of {per_step}",
         )
-        nmb = t.global_batch_size // per_step
         if p.vpp and p.vpp > 1:
             require(
-                nmb % p.pp == 0,
-                f"interleaved pipeline needs micro-batches ({nmb}) divisible by parallel.pp={p.pp}; "
-                f"raise training.global_batch_size to a multiple of {per_step * p.pp}",
+                (batch // per_step) % p.pp == 0,
+                f"interleaved pipeline needs micro-batches ({batch // per_step}) divisible by "
+                f"parallel.pp={p.pp}; raise training.global_batch_size to a multiple of {per_step * p.pp}",
             )
         eval_unit = per_step * (p.pp if p.vpp and p.vpp > 1 else 1)
         require(
@@ -500,12 +548,16 @@ class Recipe:
             f"training.eval_samples={t.eval_samples} is not a multiple of micro_batch_size*dp"
             f"{'*pp' if eval_unit != per_step else ''}={eval_unit}; use a multiple of {eval_unit}",
         )
-        tokens_per_step = t.global_batch_size * m.seq_length
-        if t.train_steps is not None:
-            steps = t.train_steps
-        else:
-            steps = math.ceil(t.train_tokens / tokens_per_step)
-        train_tokens = steps * tokens_per_step
+        return dp
+
+    def derive(self, world_size: int, cuda_available: bool = False) -> Derived:
+        """Check every batch phase's layout against the world size and compute the derived quantities."""
+        m, t = self.model, self.training
+        phases = self._phases(world_size)
+        first = phases[0]
+        steps = sum(ph.steps for ph in phases)
+        train_tokens = phases[-1].end_tokens
+        tokens_per_step = first.batch * m.seq_length
         s = self.schedule
         if s.warmup_tokens is not None:
             warmup = s.warmup_tokens
@@ -522,15 +574,39 @@ class Recipe:
         precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
         return Derived(
             world_size=world_size,
-            dp=dp,
-            num_microbatches=nmb,
+            dp=first.dp,
+            num_microbatches=first.num_microbatches,
             tokens_per_step=tokens_per_step,
             train_steps=steps,
             train_tokens=train_tokens,
             warmup_tokens=warmup,
             device=device,
             precision=precision,
+            phases=phases,
         )
+
+    def _phases(self, world_size: int) -> list[PhasePlan]:
+        m, t = self.model, self.training
+        batch = t.global_batch_size
+        dp = self.check_layout(self.parallel, t.micro_batch_size, batch, world_size)
+        tokens_per_step = batch * m.seq_length
+        if t.train_steps is not None:
+            steps = t.train_steps
+        else:
+            steps = math.ceil(t.train_tokens / tokens_per_step)
+        return [
+            PhasePlan(
+                batch=batch,
+                first_step=0,
+                start_tokens=0,
+                steps=steps,
+                end_tokens=steps * tokens_per_step,
+                parallel=self.parallel,
+                micro_batch_size=t.micro_batch_size,
+                dp=dp,
+                num_microbatches=batch // (t.micro_batch_size * dp),
+            )
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ from launcher.callbacks.base import Callback
 from launcher.errors import RampError, require
 from launcher.laws.mup import MupTable
 from launcher.laws.schedule import resolve_schedule
-from launcher.recipe import Derived, Recipe
+from launcher.recipe import Derived, PhasePlan, Recipe
 
 
 @dataclass
@@ -33,49 +33,75 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     global_batch_size: int = 0
+    lr_scale: float = 1.0  # the batch-size scheduler's LR rule, a factor on every group's peak LR
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float().view(-1)
     mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask) / mask.sum()
+    total = torch.sum(losses * mask)
+    loss = total / mask.sum()
     # clone: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"lm_loss": loss.detach().clone()}
+    return loss, {"lm_loss": loss.detach().clone(), "lm_sum": total.detach(), "tokens": mask.sum()}
 
 
-def _forward_step(data_iterator, chunk):
+def forward_step(data_iterator, chunk):
+    """megatron-core's forward step: one micro-batch through one model chunk, and its loss function."""
     batch = next(data_iterator)
     output = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+@dataclass
+class SwitchTimes:
+    """Seconds a layout switch spent in each part (``Trainer.relayout``)."""
+
+    save: float = 0.0
+    teardown: float = 0.0
+    rebuild: float = 0.0
+    load: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.save + self.teardown + self.rebuild + self.load
+
+
 class Trainer:
+    """Model chunks, optimizer and data of one run in one layout, and the loop over steps.
+
+    ``recipe`` is the run's recipe as given; ``active`` is the same recipe in the layout of the batch
+    phase being trained (``phase``), which is what the model, DDP and optimizer are built from.
+    """
+
     def __init__(
         self,
         recipe: Recipe,
         derived: Derived,
         table: MupTable,
         callbacks: list[Callback] | None = None,
+        phase: PhasePlan | None = None,
     ) -> None:
         self.recipe, self.derived = recipe, derived
         self.callbacks: list[Callback] = list(callbacks or [])
-        self.state = TrainState(global_batch_size=recipe.training.global_batch_size)
+        names = [cb.name for cb in self.callbacks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        require(not dupes, f"callbacks share the name {', '.join(dupes)}: each needs its own checkpoint key")
+        self.phase = phase or derived.phases[0]
+        self.active = recipe.with_layout(self.phase.parallel, self.phase.micro_batch_size)
+        self.state = TrainState(global_batch_size=self.phase.batch)
         self.table = table
         self._signalled = False  # set by SIGTERM on this rank
         self.stop_requested = False  # set only when all ranks agree, so every rank leaves at the same step
         self.last_eval: dict[str, float] = {}
         self.guard = resilience.BadStepGuard(recipe.resilience.max_bad_steps)
         self.loaded_from: Path | None = None
+        self.last_saved: tuple[int, Path] | None = None  # (step, directory) of the newest save
         self._build()
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         r, d = self.recipe, self.derived
-        layout.init_parallel(r.parallel, r.training.seed)
         self.bundle = data.build_datasets(
             r.data,
             seq_length=r.model.seq_length,
@@ -89,8 +115,19 @@ class Trainer:
             f"model.vocab_size={r.model.vocab_size} is below the tokenizer's {tokenizer_vocab} tokens; "
             f"raise it or leave it unset",
         )
+        schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+        self.fingerprint = resilience.fingerprint(r, self.bundle.index_key, schedule)
+        self._build_model()
+
+    def _build_model(self) -> None:
+        """Process groups, model chunks, DDP and optimizer for ``self.active``'s layout."""
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        r, d = self.active, self.derived
+        layout.init_parallel(r.parallel, r.training.seed)
         self.vocab_size = model.padded_vocab_size(
-            r.model.vocab_size or tokenizer_vocab,
+            r.model.vocab_size or self.bundle.tokenizer.vocab_size,
             r.model.make_vocab_size_divisible_by,
             r.parallel.tp,
         )
@@ -107,8 +144,39 @@ class Trainer:
         # The schedules take the micro-batch count per call (a batch change needs nothing else);
         # megatron's global micro-batch calculator is only read by CUDA graphs, which ramp does not use.
         self.forward_backward = get_forward_backward_func()
-        schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
-        self.fingerprint = resilience.fingerprint(r, self.bundle.index_key, schedule)
+
+    def _teardown_model(self) -> None:
+        """Drop model, optimizer and every process group of the layout (megatron's own teardown only
+        forgets them: their gloo/NCCL communicators would leak at every switch)."""
+        if self.recipe.model.is_moe:
+            from megatron.core.transformer.moe import moe_utils
+
+            moe_utils.clear_aux_losses_tracker()
+            moe_utils.get_moe_layer_wise_logging_tracker().clear()  # it holds the old groups
+        self.chunks = self.optimizer = self.config = self.forward_backward = None
+        layout.destroy_parallel()
+
+    def relayout(self, phase: PhasePlan) -> SwitchTimes:
+        """Continue this run in ``phase``'s layout without restarting processes: checkpoint (a real one,
+        so a crash after the switch resumes from it, and a fresh job loading it is the reference), tear
+        the layout down, build the new one, load the checkpoint resharded into it."""
+        times = SwitchTimes()
+        t0 = time.perf_counter()
+        saved = self.last_saved
+        path = saved[1] if saved and saved[0] == self.state.step else self.save_checkpoint()
+        t1 = time.perf_counter()
+        self._teardown_model()
+        t2 = time.perf_counter()
+        self.phase = phase
+        self.active = self.recipe.with_layout(phase.parallel, phase.micro_batch_size)
+        self._build_model()
+        t3 = time.perf_counter()
+        state = self.state
+        checkpoint.load(path, self.chunks, self.optimizer)
+        self.state = state  # the loaded copy is the same; callbacks keep their in-memory state
+        t4 = time.perf_counter()
+        times.save, times.teardown, times.rebuild, times.load = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        return times
 
     # -- checkpoint interface --------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -131,25 +199,14 @@ class Trainer:
             self.recipe.checkpoint.keep_last,
             checksums=self.recipe.checkpoint.checksums,
         )
+        self.last_saved = (self.state.step, path)
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, str(path))
         return path
 
-    def load_checkpoint(self, spec: str) -> Path | None:
-        """Resolve ``spec`` on rank 0 (verifying checksums) and load on every rank; None: start fresh."""
+    def load_checkpoint(self, path: Path) -> Path:
+        """Load ``path`` (from :func:`find_checkpoint`) on every rank, resharded into this layout."""
         ck = self.recipe.checkpoint
-        found: list[Any] = [None]
-        if dist.get_rank() == 0:
-            try:
-                found = [checkpoint.resolve(spec, self.recipe.checkpoint_dir, verify_checksums=ck.checksums)]
-            except RampError as e:
-                found = [e]
-        dist.broadcast_object_list(found, src=0)
-        if isinstance(found[0], RampError):
-            raise found[0]
-        path = found[0]
-        if path is None:
-            return None
         if ck.branch:
             resilience.check_branch_target(path, self.recipe.checkpoint_dir)
         resilience.check_resume(
@@ -158,9 +215,8 @@ class Trainer:
         saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=ck.load_optimizer)
         self.loaded_from = path
         self.state = TrainState(**saved["state"])
-        # The checkpoint carries the data position; the batch size is the recipe's (a fork at a larger
-        # batch, or a batch-size schedule callback, sets it from there).
-        self.state.global_batch_size = self.recipe.training.global_batch_size
+        # The checkpoint carries the data position; the batch of the next step (and its LR factor) is the
+        # batch schedule's at that position, set by its callback at every step start.
         for cb in self.callbacks:
             if cb.name in saved["callbacks"]:
                 cb.load_state_dict(saved["callbacks"][cb.name])
@@ -175,7 +231,7 @@ class Trainer:
 
     def _microbatches(self, dataset, start: int, global_batch: int) -> list[dict[str, torch.Tensor]]:
         rank, size = self.dp
-        mbs = self.recipe.training.micro_batch_size
+        mbs = self.active.training.micro_batch_size
         batches = data.microbatches(dataset, start, global_batch, mbs, rank, size)
         if self.derived.device == "cuda":
             batches = [{k: v.cuda(non_blocking=True) for k, v in b.items()} for b in batches]
@@ -186,12 +242,12 @@ class Trainer:
     ) -> list[dict[str, torch.Tensor]]:
         iters = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
         return self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=iters,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(batches),
             seq_length=self.recipe.model.seq_length,
-            micro_batch_size=self.recipe.training.micro_batch_size,
+            micro_batch_size=self.active.training.micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -242,28 +298,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss on the fixed validation set: the same sequences at every evaluation and in every layout."""
+        """Loss on the fixed validation set: the same sequences, in one pass, at every evaluation, in every
+        layout and at every batch size (the mean over tokens, so the micro-batch split does not matter)."""
         n = self.recipe.training.eval_samples
         if not n or self.bundle.valid is None:
             return {}
-        chunk_samples = self.state.global_batch_size
-        losses = []
         for c in self.chunks:
             c.eval()
-        for start in range(0, n, chunk_samples):
-            size = min(chunk_samples, n - start)
-            out = self._run(self._microbatches(self.bundle.valid, start, size), forward_only=True)
-            losses.extend(x["lm_loss"] for x in out)
+        out = self._run(self._microbatches(self.bundle.valid, 0, n), forward_only=True)
         if self.recipe.model.is_moe:
             from megatron.core.transformer.moe import moe_utils
 
             moe_utils.clear_aux_losses_tracker()
-        return {"val_loss": _mean_over_last_stage(losses)}
+        return {"val_loss": _mean_over_last_stage([x["lm_sum"] for x in out], [x["tokens"] for x in out])}
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def _emit(self, hook: str, *args) -> None:
+    def emit(self, hook: str, *args) -> None:
+        """Call ``hook`` on every callback, in order (tools driving steps by hand call it too)."""
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
+
+    @property
+    def done(self) -> bool:
+        """The run has consumed its tokens (the last step of the last batch phase is behind it)."""
+        return self.state.consumed_tokens >= self.derived.train_tokens
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._signalled else 0.0])
@@ -274,13 +332,13 @@ class Trainer:
 
     def step(self) -> None:
         """One step with its callbacks, evaluation when due, and the collective stop decision."""
-        self._emit("on_step_start")
+        self.emit("on_step_start")
         t0 = time.perf_counter()
         metrics = self.train_step()
         metrics["step_time"] = time.perf_counter() - t0
-        self._emit("on_step_end", metrics)
+        self.emit("on_step_end", metrics)
         interval = self.recipe.training.eval_interval
-        if interval and (self.state.step % interval == 0 or self.state.step == self.derived.train_steps):
+        if interval and (self.state.step % interval == 0 or self.done):
             self._eval()
         if self._agree_to_stop():
             self.stop_requested = True
@@ -288,19 +346,22 @@ class Trainer:
     def _eval(self) -> None:
         self.last_eval = self.evaluate()
         if self.last_eval:
-            self._emit("on_eval", self.last_eval)
+            self.emit("on_eval", self.last_eval)
 
     def fit(self) -> TrainState:
+        """Train until the run's tokens are consumed (the batch may change on the way) or a stop."""
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            self._emit("on_train_start")
+            self.emit("on_train_start")
             if self.recipe.training.eval_interval and self.state.step == 0:
                 self._eval()  # the starting point of the validation curve
-            while self.state.step < self.derived.train_steps and not self.stop_requested:
+            while not self.done and not self.stop_requested:
                 self.step()
-            self._emit("on_train_end")
+            self.emit("on_train_end")
         finally:
             signal.signal(signal.SIGTERM, previous)
+            for cb in self.callbacks:
+                cb.close()
         return self.state
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -308,12 +369,45 @@ class Trainer:
         self._signalled = True
 
 
-def _mean_over_last_stage(values: list[torch.Tensor]) -> float:
-    """Mean over micro-batches and DP ranks, made visible on every rank (only last stages hold losses)."""
+def find_checkpoint(recipe: Recipe) -> Path | None:
+    """Collective: ``checkpoint.load`` resolved on rank 0 (verifying checksums) and told to every rank;
+    None: start fresh (``auto`` with no checkpoint, or no ``load``)."""
+    ck = recipe.checkpoint
+    if ck.load is None:
+        return None
+    found: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            found = [checkpoint.resolve(ck.load, recipe.checkpoint_dir, verify_checksums=ck.checksums)]
+        except RampError as e:
+            found = [e]
+    dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], RampError):
+        raise found[0]
+    return found[0]
+
+
+def resume_tokens(path: Path | None) -> int:
+    """Tokens consumed at checkpoint ``path`` (0 without one): where the run continues, which fixes the
+    batch phase (and layout) to build."""
+    if path is None:
+        return 0
+    return int(checkpoint.read_trainer_state(path)["state"]["consumed_tokens"])
+
+
+def _mean_over_last_stage(values: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> float:
+    """Mean over micro-batches and DP ranks, made visible on every rank (only last stages hold losses).
+    With ``weights`` (token counts), ``values`` are sums and the result is their total over the weights'."""
     last = layout.is_last_stage()
-    local = torch.stack(values).float().mean() if (last and values) else torch.zeros(())
+    have = last and bool(values)
+    if weights is None:
+        num = torch.stack(values).float().mean() if have else torch.zeros(())
+        den = torch.tensor(1.0)
+    else:
+        num = torch.stack(values).float().sum() if have else torch.zeros(())
+        den = torch.stack(weights).float().sum() if have else torch.zeros(())
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        local = local.cuda()
-    buf = torch.stack([local * float(last), torch.tensor(float(last), device=local.device)])
+        num, den = num.cuda(), den.cuda()
+    buf = torch.stack([num * float(last), den * float(last)])
     dist.all_reduce(buf)
     return float(buf[0] / buf[1])

@@ -94,16 +94,16 @@ def measure(trainer, steps: int = 1) -> dict[str, Any]:
 def build(recipe_name: str, sets: list[str]):
     """The recipe's trainer in this single process (world size 1), with no logging side effects."""
     import patches
-    from launcher import gpu, layout, pretrain, recipe
+    from launcher import build, gpu, layout, recipe
 
     r = recipe.load(recipe_name, list(sets))
     env = layout.Env(rank=0, world_size=1, local_rank=0, local_world_size=1)
     d = r.derive(1, cuda_available=torch.cuda.is_available())
-    schedule, table = pretrain.schedule_and_table(r, d)
+    schedule, table = build.schedule_and_table(r, d)
     patches.apply_all(cpu=d.device == "cpu")
-    pretrain.set_threads(r, env)
+    layout.set_threads(r.training.threads, env)
     layout.init_world(d.device, env)
-    trainer = pretrain.build_trainer(r, d, schedule, table)
+    trainer = build.build_trainer(r, d, schedule, table)
     plan = gpu.memory_plan(r, d, trainer.gpu)
     return r, d, trainer, plan
 

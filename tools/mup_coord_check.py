@@ -108,7 +108,7 @@ def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -
     on exit so the next one can be built in the same process."""
     from megatron.core.transformer.moe import moe_utils
 
-    from launcher import layout, pretrain, recipe
+    from launcher import build, layout, recipe
     from launcher.callbacks.lr_schedule import LRSchedule
     from launcher.trainer import Trainer
 
@@ -117,7 +117,7 @@ def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -
     d = r.derive(1)
     if d.device != "cpu":
         raise SystemExit("this tool runs on CPU (one gloo process)")
-    schedule, table = pretrain.schedule_and_table(r, d)
+    schedule, table = build.schedule_and_table(r, d)
     trainer = Trainer(r, d, table, [LRSchedule(schedule)])
     try:
         yield trainer
@@ -247,7 +247,7 @@ def measure(
         try:
             for _ in range(steps):
                 before = rec.snapshot()
-                trainer._emit("on_step_start")
+                trainer.emit("on_step_start")
                 metrics = trainer.train_step()
                 act, upd, raw = rec.step_stats(before)
                 out["act"].append(act)

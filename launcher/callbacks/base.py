@@ -1,6 +1,7 @@
 """The callback protocol: every training-time behaviour hooks into the loop here, never inside it.
 
-The trainer calls the hooks in list order on every rank. A callback that keeps state across a resume
+The trainer calls the hooks in list order on every rank; names are unique (the trainer refuses two
+callbacks with one name). A callback that keeps state across a resume
 returns it from ``state_dict`` (plain Python values); the checkpoint stores it under the callback's
 ``name`` and hands it back through ``load_state_dict`` before training continues.
 """
@@ -33,6 +34,9 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last step, or when a stop was requested (SIGTERM)."""
+
+    def close(self) -> None:
+        """Release files and writers; called from ``fit``'s ``finally``, so also after an error."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,5 +1,8 @@
 """Learning rate from tokens consumed: each param group at its peak (muP multiplier) times the schedule.
 
+The batch-size schedule's LR rule (sqrt or linear in the batch) multiplies it: ``TrainState.lr_scale``, set
+by ``callbacks/batch_size_schedule.py`` before this callback runs and carried in checkpoints.
+
 A step's LR is the schedule at the tokens the run will have consumed *after* that step: the first step
 trains at ``factor(tokens of one step)``, not at the warmup floor ``factor(0)`` (0 by default, a wasted
 step), and the last step of a decay lands exactly on the decay's end value. The weight decay of every
@@ -33,9 +36,8 @@ class LRSchedule(Callback):
     def on_step_start(self, trainer: Trainer) -> None:
         st = trainer.state
         tokens_after = st.consumed_tokens + st.global_batch_size * trainer.recipe.model.seq_length
-        optim.apply_schedule(
-            trainer.optimizer, self.schedule.factor(tokens_after), trainer.recipe.optimizer.weight_decay
-        )
+        factor = self.schedule.factor(tokens_after) * st.lr_scale  # lr_scale: the batch schedule's LR rule
+        optim.apply_schedule(trainer.optimizer, factor, trainer.recipe.optimizer.weight_decay)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.describe()}

@@ -49,14 +49,15 @@ class Metrics(Callback):
         self._window_time = 0.0
         self._window_tokens = 0
         self._t_start = time.perf_counter()
-        self._steps_at_start = 0
+        self._tokens_at_start = 0
+        self._last_batch: int | None = None
 
     @property
     def writer(self) -> bool:
         return dist.get_rank() == 0
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self._steps_at_start = trainer.state.step
+        self._tokens_at_start = trainer.state.consumed_tokens
         self._t_start = time.perf_counter()
         if not self.writer:
             return
@@ -87,34 +88,33 @@ class Metrics(Callback):
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """Logs every ``log_interval`` steps, the first and last step, and every step whose batch differs from
+        the previous one (a batch phase starts: its columns, such as a layout switch's, are never lost)."""
         st = trainer.state
         tokens = st.global_batch_size * trainer.recipe.model.seq_length
         self._window_time += metrics["step_time"]
         self._window_tokens += tokens
-        if not (st.step % self.log_interval == 0 or st.step == 1 or st.step == self.total_steps):
+        new_batch = self._last_batch is not None and st.global_batch_size != self._last_batch
+        self._last_batch = st.global_batch_size
+        last = st.consumed_tokens >= trainer.derived.train_tokens
+        if not (st.step % self.log_interval == 0 or st.step == 1 or last or new_batch):
             return
         rec = {
             "step": st.step,
             "tokens": st.consumed_tokens,
-            "loss": metrics["loss"],
-            "lm_loss": metrics["lm_loss"],
-            "aux_loss": metrics["aux_loss"],
-            "grad_norm": metrics["grad_norm"],
             **optim.group_lrs(trainer.optimizer),
             "global_batch": st.global_batch_size,
             "tokens_per_s": self._window_tokens / max(self._window_time, 1e-9),
-            "step_time": metrics["step_time"],
+            # the step's own numbers and any column a callback added (loss_z, layout switch times ...)
+            **metrics,
         }
-        for key in ("z_loss", "loss_z", "bad_steps"):
-            if key in metrics:
-                rec[key] = metrics[key]
         self._window_time, self._window_tokens = 0.0, 0
         self._write(rec)
         if self.writer:
-            done = st.step - self._steps_at_start
             elapsed = time.perf_counter() - self._t_start
-            eta = elapsed / max(done, 1) * (self.total_steps - st.step)
+            done = st.consumed_tokens - self._tokens_at_start
+            eta = elapsed / max(done, 1) * (trainer.derived.train_tokens - st.consumed_tokens)
             val = f" | val {trainer.last_eval['val_loss']:.4f}" if trainer.last_eval else ""
             print(
                 f"step {st.step}/{self.total_steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.3g} "
@@ -134,18 +134,21 @@ class Metrics(Callback):
         step = rec["step"]
         if self._tb is not None:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar("valid/loss" if k == "val_loss" else f"train/{k}", v, step)
         if self._tb is not None:
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            numbers = {k: v for k, v in rec.items() if k != "step" and not isinstance(v, str)}
+            self._wandb.log(numbers, step=step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 def _init_wandb(cfg: Any, run_dir: Path, name: str, config: dict | None):

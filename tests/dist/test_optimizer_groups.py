@@ -80,7 +80,7 @@ def _probe(work: str, out: str) -> None:
         with trainer_for(sets, Path(work) / f"wd{weight_decay}") as trainer:
             chunk = trainer.chunks[0].module
             names = {id(p): n for n, p in chunk.named_parameters()}
-            trainer._emit("on_step_start")  # the LR callback: LR and weight decay for step 1
+            trainer.emit("on_step_start")  # the LR callback: LR and weight decay for step 1
             groups = {}
             for g in trainer.optimizer.param_groups:
                 for p in g["params"]:
