@@ -17,16 +17,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from launcher.errors import RampError, require
+from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
-from launcher.laws.memory import ClusterConfig, RecomputeConfig
+from launcher.laws.batch_size import BatchScheduleConfig
+from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
+from launcher.laws.schedule import DecayShape, ScheduleStyle
+from launcher.laws.units import parse_count
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# Choices no laws module owns (the others are imported above).
+TokenDispatcher = Literal["alltoall", "allgather"]  # megatron-core moe_token_dispatcher_type values ramp runs
+Device = Literal["auto", "cpu", "cuda"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 
 def _positive(section: str, **values: float | int | None) -> None:
@@ -52,7 +60,7 @@ class ModelConfig:
     moe_z_loss_coeff: float | None = None
     moe_shared_expert_hidden_size: int | None = None
     moe_router_pre_softmax: bool = False  # False: top-k then softmax over the chosen experts
-    moe_token_dispatcher: str = "alltoall"
+    moe_token_dispatcher: TokenDispatcher = "alltoall"
     first_k_dense: int = 0  # the first k layers use a dense MLP
     seq_length: int = 256
     vocab_size: int | None = None  # None: taken from the tokenizer
@@ -99,11 +107,7 @@ class ModelConfig:
                 0 <= self.first_k_dense < self.num_layers,
                 f"model.first_k_dense={self.first_k_dense}: must be in 0..{self.num_layers - 1}",
             )
-        choices = ("alltoall", "allgather")
-        require(
-            self.moe_token_dispatcher in choices,
-            f"model.moe_token_dispatcher={self.moe_token_dispatcher!r}: choose one of {', '.join(choices)}",
-        )
+        check_choices(self, "model")
 
     @property
     def head_dim(self) -> int:
@@ -145,7 +149,7 @@ class ParallelConfig:
 class DecayConfig:
     """The decay phase of a WSD schedule. Start and length may be given as run fraction, tokens or steps."""
 
-    shape: str = "1-sqrt"  # linear | cosine | 1-sqrt | exponential | points
+    shape: DecayShape = "1-sqrt"
     start_frac: float | None = None
     start_tokens: int | None = None
     start_steps: int | None = None
@@ -160,10 +164,7 @@ class DecayConfig:
     )
 
     def __post_init__(self) -> None:
-        shapes = ("linear", "cosine", "1-sqrt", "exponential", "points")
-        require(
-            self.shape in shapes, f"schedule.decay.shape={self.shape!r}: choose one of {', '.join(shapes)}"
-        )
+        check_choices(self, "schedule.decay")
         for group in (
             ("start_frac", "start_tokens", "start_steps"),
             ("length_frac", "length_tokens", "length_steps"),
@@ -185,7 +186,7 @@ class DecayConfig:
 class ScheduleConfig:
     """Learning-rate schedule, defined in tokens so batch-size changes leave it intact."""
 
-    style: str = "wsd"  # wsd | cosine | linear | constant
+    style: ScheduleStyle = "wsd"
     warmup_frac: float | None = None
     warmup_tokens: int | None = None
     warmup_steps: int | None = None
@@ -196,8 +197,7 @@ class ScheduleConfig:
     ONE_OF: ClassVar = (("warmup_frac", "warmup_tokens", "warmup_steps"),)
 
     def __post_init__(self) -> None:
-        styles = ("wsd", "cosine", "linear", "constant")
-        require(self.style in styles, f"schedule.style={self.style!r}: choose one of {', '.join(styles)}")
+        check_choices(self, "schedule")
         given = [g for g in ("warmup_frac", "warmup_tokens", "warmup_steps") if getattr(self, g) is not None]
         require(
             len(given) <= 1,
@@ -254,8 +254,8 @@ class TrainingConfig:
     eval_interval: int = 50  # steps; 0 disables periodic evaluation
     eval_samples: int = 128  # size of the fixed validation set, in sequences
     log_interval: int = 10
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["auto", Precision] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: Device = "auto"
     threads: int | None = None  # torch threads per process on CPU; None: cores / local processes
 
     ONE_OF: ClassVar = (("train_tokens", "train_steps"),)
@@ -276,9 +276,7 @@ class TrainingConfig:
         )
         require(self.eval_interval >= 0, f"training.eval_interval={self.eval_interval}: must be >= 0")
         require(self.eval_samples >= 0, f"training.eval_samples={self.eval_samples}: must be >= 0")
-        for name, choices in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
-            v = getattr(self, name)
-            require(v in choices, f"training.{name}={v!r}: choose one of {', '.join(choices)}")
+        check_choices(self, "training")
 
 
 @dataclass
@@ -379,13 +377,12 @@ class ResilienceConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = True
-    mode: str = "offline"  # offline | online | disabled; online only with credentials
+    mode: WandbMode = "offline"  # online only with credentials
     project: str = "ramp"
     entity: str | None = None
 
     def __post_init__(self) -> None:
-        modes = ("offline", "online", "disabled")
-        require(self.mode in modes, f"logging.wandb.mode={self.mode!r}: choose one of {', '.join(modes)}")
+        check_choices(self, "logging.wandb")
 
 
 @dataclass
@@ -463,6 +460,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     mup: MupConfig = field(default_factory=MupConfig)
+    batch_schedule: BatchScheduleConfig = field(default_factory=BatchScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -654,7 +652,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        # The first alternative that takes the value (str | list, Literal | dict); else the first's error.
+        errors: list[RampError] = []
+        for arg in args:
+            try:
+                return _coerce(arg, value, where)
+            except RampError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        require_choice(where, value, typing.get_args(tp))
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if origin in (list, dict):
@@ -686,22 +694,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _parse_number_suffix(value: Any) -> Any:
-    """Allow 1.5M / 2B / 10K token counts in YAML and --set values."""
-    if isinstance(value, str):
-        s = value.strip()
-        mult = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(s[-1:].upper())
-        if mult and s[:-1].replace(".", "", 1).isdigit():
-            return int(float(s[:-1]) * mult)
-    return value
-
-
 def _walk_suffixes(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _walk_suffixes(v) for k, v in data.items()}
     if isinstance(data, list):
         return [_walk_suffixes(v) for v in data]
-    return _parse_number_suffix(data)
+    return parse_count(data)  # 1.5M / 2B / 10K token counts in YAML and --set values
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

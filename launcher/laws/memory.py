@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from launcher.errors import require
 from launcher.laws.lr_law import count_params
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from launcher.recipe import ModelConfig
 
 GB = 1e9
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 # megatron-core 0.16's recompute_modules that apply to this model (mla_up_proj needs MLA).
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "mlp", "moe", "shared_experts")

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from launcher.errors import RampError, require
+from launcher.laws.units import format_count as _tok
 
 if TYPE_CHECKING:  # the recipe module is plain dataclasses; imported for the type only
     from launcher.recipe import ScheduleConfig
@@ -43,8 +44,10 @@ if TYPE_CHECKING:  # the recipe module is plain dataclasses; imported for the ty
 #: The annealing-law paper (arXiv 2408.11029) and WSD practice put the best cooldown at 10-20%.
 DEFAULT_DECAY_FRAC = 0.2
 
-SHAPES = ("linear", "cosine", "1-sqrt", "exponential", "points")
-STYLES = ("wsd", "cosine", "linear", "constant")
+DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential", "points"]
+ScheduleStyle = Literal["wsd", "cosine", "linear", "constant"]
+SHAPES: tuple[str, ...] = get_args(DecayShape)
+STYLES: tuple[str, ...] = get_args(ScheduleStyle)
 
 
 def decay_coefficient(shape: str, r: float) -> float:
@@ -275,10 +278,3 @@ def _interp_points(points: tuple[tuple[float, float], ...], r: float) -> float:
             w = (r - xs[i - 1]) / (xs[i] - xs[i - 1])
             return ys[i - 1] + w * (ys[i] - ys[i - 1])
     return ys[-1]
-
-
-def _tok(n: float) -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.4g}{suffix}"
-    return f"{n:g}"
