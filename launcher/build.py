@@ -70,7 +70,9 @@ def build_trainer(
         r.dump(run_dir / "config.yaml")
         (run_dir / "mup_table.json").write_text(table.to_json())
     callbacks = [
-        BatchSizeSchedule(lambda batch: 1.0),  # before the LR callback: it sets the step's batch and LR factor
+        BatchSizeSchedule(
+            d.batch_schedule.lr_scale
+        ),  # before the LR callback: the step's batch and LR factor
         LRSchedule(schedule),
         *extra_callbacks,
         LossSpikes(r.resilience.spike_window, r.resilience.spike_zscore),

@@ -39,11 +39,14 @@ import torch.distributed as dist
 from launcher import layout
 from launcher.errors import RampError, require
 
+
 def sharding_metadata() -> dict[str, Any]:
     """A new dict per call: megatron-core caches the data-parallel group *into* the dict it is given
     (``ensure_metadata_has_dp_cp_group``), so a shared one would carry the old layout's group into the next
     (after a relayout, replica ids computed from a dead group made the load's access check fail)."""
     return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "ramp_manifest.json"
 _HASH_BLOCK = 1 << 22
@@ -224,9 +227,7 @@ def sharded_state_dict(
         sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
     if with_optimizer:
         model_sd = sd["model"] if len(chunks) == 1 else {k: v for k, v in sd.items() if k.startswith("model")}
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=metadata
-        )
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()
     sd["rng_state"] = ShardedObject(

@@ -244,7 +244,7 @@ def memory_plan(recipe: Recipe, derived: Derived, resolved: Resolved) -> MemoryP
     )
 
 
-def require_fits(plan: MemoryPlan) -> None:
+def require_fits(plan: MemoryPlan, where: str = "") -> None:
     """Refuse, before launch, a recipe whose fullest stage does not fit the cluster's GPU memory."""
     if plan.gpu_memory_gb is None:
         return
@@ -252,7 +252,7 @@ def require_fits(plan: MemoryPlan) -> None:
     g = plan.stages[worst].as_gb()
     require(
         plan.peak_gb <= plan.gpu_memory_gb,
-        f"memory plan: pipeline stage {worst} needs {g['total']:.1f} GB > cluster.gpu_memory_gb="
+        f"memory plan: {where}pipeline stage {worst} needs {g['total']:.1f} GB > cluster.gpu_memory_gb="
         f"{plan.gpu_memory_gb:g} (activations {g['activations']:.1f}, logits {g['logits']:.1f}, "
         f"weights+grads+optimizer {g['params'] + g['grads'] + g['optimizer']:.1f}); lower "
         f"training.micro_batch_size, set recompute.granularity (selective or full), or raise parallel.pp/ep",

@@ -114,10 +114,15 @@ def destroy_parallel(free_groups: bool = True) -> None:
 
     groups = _layout_groups(ps) if free_groups else []
     ps.destroy_model_parallel()
-    registered = dist.distributed_c10d._world.pg_map  # what destroy_process_group accepts
+    registered = dist.distributed_c10d._world.pg_map  # what destroy_process_group accepts (private API)
     for g in groups:
         if g in registered:
             dist.destroy_process_group(g)
+
+
+def live_process_groups() -> int:
+    """Process groups this rank holds now (the world's included): constant across relayouts unless leaked."""
+    return len(dist.distributed_c10d._world.pg_map)
 
 
 def _layout_groups(ps) -> list[dist.ProcessGroup]:

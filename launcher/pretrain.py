@@ -70,10 +70,17 @@ def gpu_plan(args: argparse.Namespace, r, d, env: layout.Env):
 
     probe = not planning_for_cluster(args, r, env)
     resolved = gpu.resolve(r, d.device, probe=probe)
-    mem = gpu.memory_plan(r, d, resolved) if (d.device == "cuda" or args.dry_run) else None
-    if mem is not None and d.device == "cuda":
-        gpu.require_fits(mem)
-    return resolved, mem
+    if not (d.device == "cuda" or args.dry_run):
+        return resolved, None
+    plans = []  # every batch phase's layout must fit; the fullest is the one shown
+    for i, ph in enumerate(d.phases):
+        phase_d = dataclasses.replace(d, dp=ph.dp, num_microbatches=ph.num_microbatches)
+        mem = gpu.memory_plan(r.with_layout(ph.parallel, ph.micro_batch_size), phase_d, resolved)
+        if d.device == "cuda":
+            where = f"batch phase {i} ({ph.batch} sequences, {ph.describe_layout()}): " if i else ""
+            gpu.require_fits(mem, where)
+        plans.append(mem)
+    return resolved, max(plans, key=lambda m: m.peak_gb)
 
 
 def main(argv: list[str] | None = None) -> int:

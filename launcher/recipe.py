@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
@@ -23,7 +22,7 @@ import yaml
 
 from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
-from launcher.laws.batch_size import BatchScheduleConfig
+from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig
 from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
 from launcher.laws.schedule import DecayShape, ScheduleStyle
@@ -431,9 +430,11 @@ class Derived:
     device: str
     precision: str
     phases: list[PhasePlan] = field(default_factory=list)
+    batch_schedule: BatchSchedule | None = None
 
     def lines(self) -> list[str]:
-        return [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if k != "phases"]
+        skip = ("phases", "batch_schedule")
+        return [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if k not in skip]
 
     def phase_at(self, tokens: int) -> PhasePlan:
         """The phase whose steps start at ``tokens`` consumed (the last phase at or past the run's end)."""
@@ -550,61 +551,139 @@ class Recipe:
 
     def derive(self, world_size: int, cuda_available: bool = False) -> Derived:
         """Check every batch phase's layout against the world size and compute the derived quantities."""
-        m, t = self.model, self.training
-        phases = self._phases(world_size)
+        t = self.training
+        device = t.device if t.device != "auto" else ("cuda" if cuda_available else "cpu")
+        require(device == "cpu" or cuda_available, "training.device=cuda but no CUDA device is visible")
+        precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+        batch_schedule, phases = self._phases(world_size, device)
         first = phases[0]
-        steps = sum(ph.steps for ph in phases)
         train_tokens = phases[-1].end_tokens
-        tokens_per_step = first.batch * m.seq_length
-        s = self.schedule
-        if s.warmup_tokens is not None:
-            warmup = s.warmup_tokens
-        elif s.warmup_steps is not None:
-            warmup = s.warmup_steps * tokens_per_step
-        else:
-            warmup = round((s.warmup_frac or 0.0) * train_tokens)
+        tokens_per_step = first.batch * self.model.seq_length
+        warmup = self._warmup_tokens(train_tokens, tokens_per_step)
         require(
             warmup <= train_tokens,
             f"schedule warmup ({warmup} tokens) is longer than the run ({train_tokens} tokens)",
         )
-        device = t.device if t.device != "auto" else ("cuda" if cuda_available else "cpu")
-        require(device == "cpu" or cuda_available, "training.device=cuda but no CUDA device is visible")
-        precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
         return Derived(
             world_size=world_size,
             dp=first.dp,
             num_microbatches=first.num_microbatches,
             tokens_per_step=tokens_per_step,
-            train_steps=steps,
+            train_steps=sum(ph.steps for ph in phases),
             train_tokens=train_tokens,
             warmup_tokens=warmup,
             device=device,
             precision=precision,
             phases=phases,
+            batch_schedule=batch_schedule,
         )
 
-    def _phases(self, world_size: int) -> list[PhasePlan]:
-        m, t = self.model, self.training
-        batch = t.global_batch_size
-        dp = self.check_layout(self.parallel, t.micro_batch_size, batch, world_size)
-        tokens_per_step = batch * m.seq_length
-        if t.train_steps is not None:
-            steps = t.train_steps
-        else:
-            steps = math.ceil(t.train_tokens / tokens_per_step)
-        return [
-            PhasePlan(
-                batch=batch,
-                first_step=0,
-                start_tokens=0,
-                steps=steps,
-                end_tokens=steps * tokens_per_step,
-                parallel=self.parallel,
-                micro_batch_size=t.micro_batch_size,
-                dp=dp,
-                num_microbatches=batch // (t.micro_batch_size * dp),
+    def _warmup_tokens(self, train_tokens: int, tokens_per_step: int) -> int:
+        s = self.schedule
+        if s.warmup_tokens is not None:
+            return s.warmup_tokens
+        if s.warmup_steps is not None:
+            return s.warmup_steps * tokens_per_step
+        return round((s.warmup_frac or 0.0) * train_tokens)
+
+    def _phases(self, world_size: int, device: str) -> tuple[BatchSchedule, list[PhasePlan]]:
+        """The batch schedule resolved for this run, and every phase with its checked layout."""
+        from launcher.laws.batch_size import resolve_batch_schedule, simulate
+        from launcher.laws.schedule import resolve_schedule
+
+        m, t, bs = self.model, self.training, self.batch_schedule
+        b0, seq = t.global_batch_size, m.seq_length
+        if bs.kind != "constant":
+            for key, value in (
+                ("training.train_steps", t.train_steps),
+                ("schedule.warmup_steps", self.schedule.warmup_steps),
+                ("schedule.decay.start_steps", self.schedule.decay.start_steps),
+                ("schedule.decay.length_steps", self.schedule.decay.length_steps),
+            ):
+                require(
+                    value is None,
+                    f"{key}={value} counts steps, but batch_schedule.kind={bs.kind} changes the batch, so a "
+                    f"step is no fixed number of tokens; give {key.replace('steps', 'tokens')} instead",
+                )
+        requested = t.train_tokens if t.train_tokens is not None else t.train_steps * b0 * seq
+        # Seesaw reads the LR schedule of the requested run (the run's end moves by less than one step).
+        lr = resolve_schedule(self.schedule, requested, b0 * seq, self._warmup_tokens(requested, b0 * seq))
+        schedule = resolve_batch_schedule(bs, b0, requested, seq, lr.factor, lr_peak_tokens=lr.warmup_tokens)
+        layouts = {b: self._phase_layout(b, world_size, device) for b in schedule.batches}
+        phases = []
+        for ph in simulate(schedule, requested, seq):
+            parallel, mbs = layouts[ph.batch]
+            dp = self.check_layout(parallel, mbs, ph.batch, world_size)
+            phases.append(
+                PhasePlan(
+                    batch=ph.batch,
+                    first_step=ph.first_step,
+                    start_tokens=ph.start_tokens,
+                    steps=ph.steps,
+                    end_tokens=ph.end_tokens,
+                    parallel=parallel,
+                    micro_batch_size=mbs,
+                    dp=dp,
+                    num_microbatches=ph.batch // (mbs * dp),
+                )
             )
-        ]
+        return schedule, phases
+
+    def _phase_layout(self, batch: int, world_size: int, device: str) -> tuple[ParallelConfig, int]:
+        """(parallel, micro_batch_size) for a phase of ``batch`` sequences: the recipe's (``fixed``), the
+        recipe's with the named entry's keys (a mapping), or the cost model's fastest (``auto``)."""
+        p, t, layouts = self.parallel, self.training, self.batch_schedule.layouts
+        if layouts == "fixed":
+            return p, t.micro_batch_size
+        if isinstance(layouts, dict):
+            entry = next(v for k, v in layouts.items() if int(k) == batch)
+            named = ParallelConfig(
+                tp=entry.get("tp", p.tp),
+                pp=entry.get("pp", p.pp),
+                vpp=entry.get("vpp", p.vpp),
+                ep=entry.get("ep", p.ep),
+                distributed_optimizer=p.distributed_optimizer,
+            )
+            return named, entry.get("micro_batch_size", t.micro_batch_size)
+        return self._auto_layout(batch, world_size, device)
+
+    def _auto_layout(self, batch: int, world_size: int, device: str) -> tuple[ParallelConfig, int]:
+        """The cost model's fastest layout for a phase (``laws/layout_cost.py``), among those this recipe's
+        own checks accept."""
+        from launcher.laws.layout_cost import Hardware, best_layout
+
+        m, p = self.model, self.parallel
+        vocab = m.vocab_size or (self.data.embedded_vocab_size if self.data.is_embedded else None)
+        require(vocab is not None, "batch_schedule.layouts=auto needs model.vocab_size (for the cost model)")
+        if device == "cuda":
+            hardware = Hardware.from_cluster(self.cluster or ClusterConfig())
+        else:
+            hardware = Hardware.cpu_gloo(world_size)
+
+        def config(c) -> ParallelConfig:
+            vpp = c.vpp if c.vpp > 1 else None
+            return ParallelConfig(
+                tp=c.tp, pp=c.pp, vpp=vpp, ep=c.ep, distributed_optimizer=p.distributed_optimizer
+            )
+
+        def valid(c) -> bool:
+            try:
+                self.check_layout(config(c), c.micro_batch_size, batch, world_size)
+            except RampError:
+                return False
+            return True
+
+        best, _ = best_layout(
+            m,
+            world_size,
+            batch,
+            m.seq_length,
+            hardware,
+            is_valid=valid,
+            vocab_size=vocab,
+            distributed_optimizer=p.distributed_optimizer,
+        )
+        return config(best), best.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ not stepped, so weights and Adam moments stay as they were) and stops the run af
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -28,7 +29,9 @@ class RunStopped(RuntimeError):
 
 
 def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
-    """Everything that fixes the data order and the LR schedule, as flat ``section.key`` fields."""
+    """Everything that fixes the data order, the LR schedule and the batch schedule (which sets each step's
+    batch and LR factor), as flat ``section.key`` fields. The batch schedule's layouts are left out: a
+    layout changes how a step is computed, not which step it is."""
     fp: dict[str, Any] = {
         "data.paths": recipe.data.paths,
         "data.tokenizer": recipe.data.tokenizer,
@@ -39,6 +42,9 @@ def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
         "model.seq_length": recipe.model.seq_length,
         "optimizer.lr": recipe.optimizer.lr,
     }
+    for k, v in dataclasses.asdict(recipe.batch_schedule).items():
+        if k != "layouts":
+            fp[f"batch_schedule.{k}"] = v
     points = schedule.to_dict()
     # Lengthening a run is fine while the schedule's points stay put; without a decay (constant) the
     # decay points are only the run's end.

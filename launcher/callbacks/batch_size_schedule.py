@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from launcher import layout
 from launcher.callbacks.base import Callback
 from launcher.trainer import SwitchTimes
 
@@ -38,6 +39,9 @@ class BatchSizeSchedule(Callback):
         self.switches: list[dict[str, Any]] = []  # every layout switch of the run (kept across resumes)
         self._pending: dict[str, Any] = {}
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._pending = {"process_groups": layout.live_process_groups()}
+
     def on_step_start(self, trainer: Trainer) -> None:
         st = trainer.state
         phase = trainer.derived.phase_at(st.consumed_tokens)
@@ -57,6 +61,8 @@ class BatchSizeSchedule(Callback):
             }
             self.switches.append(record)
             self._pending = {k: v for k, v in record.items() if k.startswith("switch_")}
+            # equal to a fresh job's count in this layout: the old layout's groups were freed
+            self._pending["process_groups"] = layout.live_process_groups()
             if dist.get_rank() == 0:
                 print(
                     f"ramp: step {st.step}: layout {before} -> {record['to']} in {times.total:.2f}s "

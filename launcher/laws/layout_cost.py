@@ -7,7 +7,13 @@ communication with compute unless ``overlap_grad_reduce``):
 - **compute** ``6 * N * B * s / (W * F)``: ``N`` the parameters a token passes through (attention, dense
   MLPs, router, the top-k experts, shared experts and the output projection ``V * h``; the embedding
   lookup does no matmul; attention's ``s^2`` term is left out), ``F`` a device's achieved FLOP/s.
-- **pipeline bubble** ``compute * (pp - 1) / (vpp * n)`` (1F1B and interleaved 1F1B, Narayanan et al. 2021).
+- **per-layer overhead** ``n * (L / pp) * layer_pass_s``: what a layer's forward + backward costs beyond its
+  FLOPs (launches, Python, routing bookkeeping), paid per micro-batch; it is what makes many small
+  micro-batches slow, and on CPU it dominates the tiny model.
+- **pipeline bubble** ``(compute + overhead) * (pp - 1) / (vpp * n)`` (1F1B and interleaved 1F1B,
+  Narayanan et al. 2021).
+- **PP point-to-point**: per micro-batch and chunk, the activation forward and its gradient backward:
+  ``2 * n * vpp * (m * s / t * h * a / bw + latency)``.
 - **TP with sequence parallelism** (megatron's SP scheme): each layer, per micro-batch, all-gathers its
   ``s/t``-token input before the attention and the MLP and reduce-scatters their outputs: 2 all-gathers +
   2 reduce-scatters forward, the same 4 (swapped) backward, each over ``V_tp = m * s * h * a`` bytes
@@ -29,7 +35,7 @@ bandwidth. Memory comes from :func:`launcher.laws.memory.plan_memory`, the one m
 busiest stage does not fit ``Hardware.memory_bytes`` is dropped.
 
 This is a ranking model, not a predictor: it orders layouts by what differs between them (bubble,
-communication, memory) and ignores what they share (kernel efficiency at small matrices, optimizer step).
+communication, per-micro-batch overhead, memory) and ignores what they share (the optimizer step).
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ class Hardware:
     memory_bytes: float | None  # per device; None: no limit
     latency_s: float  # fixed cost of one collective call
     precision: Precision = "bf16"
+    # Fixed time of one layer's forward + backward on one micro-batch beyond its FLOPs (kernel launches,
+    # Python, routing bookkeeping): what makes many small micro-batches slower than few large ones.
+    layer_pass_s: float = 0.0
 
     def bandwidth(self, span: int) -> float:
         """Bandwidth of a group whose ranks span ``span`` consecutive global ranks."""
@@ -84,6 +93,8 @@ class Hardware:
         1.4 ms, 4 MB 7.5 ms, 16 MB 26 ms, i.e. ~1 ms per call and ~0.6 GB/s bus bandwidth. Compute:
         calibration.md measures ~320 GFLOP/s for a large fp32 matmul on both cores and ~30% of that on
         the tiny model, so ~50 GFLOP/s per single-threaded process. Memory: no limit by default (24 GB host).
+        Per layer pass: the 4-layer test model (hidden 64) trains a DP2 step of 4 micro-batches of 2
+        sequences in ~0.45 s here, ~28 ms per layer forward + backward of which its FLOPs are < 1 ms.
         """
         return cls(
             name=f"cpu-gloo x{processes}",
@@ -94,6 +105,7 @@ class Hardware:
             memory_bytes=memory_bytes,
             latency_s=1e-3,
             precision="fp32",
+            layer_pass_s=0.02,
         )
 
     @classmethod
@@ -111,6 +123,7 @@ class Hardware:
             memory_bytes=(cluster.gpu_memory_gb - cluster.runtime_reserve_gb) * GB,
             latency_s=2e-5,
             precision="bf16",
+            layer_pass_s=2e-4,  # an estimate for an MoE layer's ~100 kernels, to be measured on a GPU
         )
 
 
@@ -192,14 +205,16 @@ class CostBreakdown:
     ep_comm: float
     dp_comm: float
     memory_bytes: float
+    overhead: float = 0.0  # n * (L / pp) * layer_pass_s (and its share of the bubble)
+    pp_comm: float = 0.0
 
     @property
     def comm(self) -> float:
-        return self.tp_comm + self.ep_comm + self.dp_comm
+        return self.tp_comm + self.ep_comm + self.dp_comm + self.pp_comm
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.comm
+        return self.compute + self.overhead + self.bubble + self.comm
 
 
 def _ring(nbytes: float, group: int, bw: float, latency: float) -> float:
@@ -231,8 +246,9 @@ def step_cost(
     n_flops = counts.non_embedding_active + counts.embedding  # + the output projection, tied or not
     tokens = c.batch * s
     compute = 6.0 * n_flops * tokens / (c.world_size * hardware.flops)
-    bubble = compute * (c.pp - 1) / (c.vpp * c.num_microbatches)
     layers = model.num_layers / c.pp
+    overhead = c.num_microbatches * layers * hardware.layer_pass_s
+    bubble = (compute + overhead) * (c.pp - 1) / (c.vpp * c.num_microbatches)
     v_tp = c.micro_batch_size * s * h * a
     tp = 8 * c.num_microbatches * layers * _ring(v_tp, c.tp, hardware.bandwidth(c.tp), hardware.latency_s)
     moe_layers = (model.num_layers - model.first_k_dense) / c.pp if model.is_moe else 0.0
@@ -264,7 +280,12 @@ def step_cost(
         ep_imbalance=ep_imbalance,
     )
     memory = max(st.total for st in plan.stages)
-    return CostBreakdown(compute, bubble, tp, ep, dp, memory)
+    # PP: every micro-batch crosses each of a rank's vpp chunk boundaries forward (activations) and back
+    # (their gradients), m * s / t tokens of h elements each.
+    v_pp = c.micro_batch_size * s / c.tp * h * a
+    pp = 2 * c.num_microbatches * c.vpp * (v_pp / hardware.bandwidth(c.world_size) + hardware.latency_s)
+    pp = pp if c.pp > 1 else 0.0
+    return CostBreakdown(compute, bubble, tp, ep, dp, memory, overhead, pp)
 
 
 def _key(item: tuple[LayoutCandidate, CostBreakdown]) -> tuple:
