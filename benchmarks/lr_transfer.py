@@ -31,7 +31,6 @@ code change starts new runs and the sweep can be stopped and resumed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -43,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import cache  # noqa: E402
+from benchmarks.cache import run_key  # noqa: E402
 from launcher.errors import RampError  # noqa: E402
 from launcher.laws.lr_law import CurveFit, fit_lr_curve  # noqa: E402
 from tools.mup_coord_check import width_sets  # noqa: E402
@@ -86,18 +87,7 @@ def run_sets(
 
 def code_version() -> str:
     """Hash of the sources that fix a run's numbers (``CODE_PATHS``): part of every cache key."""
-    h = hashlib.sha1()
-    for top in CODE_PATHS:
-        path = ROOT / top
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def run_key(sets: list[str], version: str) -> str:
-    """Cache key: the run's full override list and the code version (a change of either is a new run)."""
-    return hashlib.sha1("\n".join([version, *sets]).encode()).hexdigest()[:12]
+    return cache.code_version(CODE_PATHS)
 
 
 def train_one(sets: list[str], steps: int, work: Path) -> dict:

@@ -156,6 +156,15 @@ class Trainer:
         self.chunks = self.optimizer = self.config = self.forward_backward = None
         layout.destroy_parallel()
 
+    def enter_phase(self, phase: PhasePlan) -> SwitchTimes | None:
+        """Train the next steps in ``phase``'s layout: a new micro-batch size needs nothing rebuilt (it only
+        splits the data differently); a new TP/PP/EP/DP split is a :meth:`relayout` (its times returned)."""
+        if phase.parallel == self.phase.parallel:
+            self.phase = phase
+            self.active = self.recipe.with_layout(phase.parallel, phase.micro_batch_size)
+            return None
+        return self.relayout(phase)
+
     def relayout(self, phase: PhasePlan) -> SwitchTimes:
         """Continue this run in ``phase``'s layout without restarting processes: checkpoint (a real one,
         so a crash after the switch resumes from it, and a fresh job loading it is the reference), tear

@@ -105,11 +105,13 @@ def run_ramp(
     recipe: str = "moe-tiny",
     timeout: int = 600,
     extra_args: list[str] | None = None,
+    base: list[str] | None = None,
 ) -> Run:
-    """Train through ``launcher.pretrain`` and read back metrics.jsonl."""
+    """Train through ``launcher.pretrain`` and read back metrics.jsonl. ``base``: overrides applied before
+    ``sets`` (default: the tiny test model, ``TINY``; benchmarks pass their own)."""
     run_dir = Path(run_dir)
     args = ["--recipe", recipe]
-    for s in [*TINY, f"logging.run_dir={run_dir}", *sets]:
+    for s in [*(TINY if base is None else base), f"logging.run_dir={run_dir}", *sets]:
         args += ["--set", s]
     args += extra_args or []
     if nproc == 1:

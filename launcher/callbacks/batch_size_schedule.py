@@ -47,33 +47,38 @@ class BatchSizeSchedule(Callback):
         phase = trainer.derived.phase_at(st.consumed_tokens)
         if not phase.same_layout(trainer.phase):
             before = trainer.phase.describe_layout()
-            times = _slowest(trainer.relayout(phase))
-            record = {
-                "step": st.step,
-                "tokens": st.consumed_tokens,
-                "from": before,
-                "to": phase.describe_layout(),
-                "switch_time_s": times.total,
-                "switch_save_s": times.save,
-                "switch_teardown_s": times.teardown,
-                "switch_rebuild_s": times.rebuild,
-                "switch_load_s": times.load,
-            }
-            self.switches.append(record)
-            self._pending = {k: v for k, v in record.items() if k.startswith("switch_")}
-            # equal to a fresh job's count in this layout: the old layout's groups were freed
-            self._pending["process_groups"] = layout.live_process_groups()
-            if dist.get_rank() == 0:
-                print(
-                    f"ramp: step {st.step}: layout {before} -> {record['to']} in {times.total:.2f}s "
-                    f"(save {times.save:.2f}, teardown {times.teardown:.2f}, rebuild {times.rebuild:.2f}, "
-                    f"load {times.load:.2f})",
-                    flush=True,
-                )
+            switched = trainer.enter_phase(phase)
+            if switched is not None:
+                self._record_switch(trainer, before, _slowest(switched))
         if phase.batch != st.global_batch_size and dist.get_rank() == 0 and st.step > 0:
             print(f"ramp: step {st.step}: global batch {st.global_batch_size} -> {phase.batch}", flush=True)
         st.global_batch_size = phase.batch
         st.lr_scale = self.lr_scale(phase.batch)
+
+    def _record_switch(self, trainer: Trainer, before: str, times: SwitchTimes) -> None:
+        st = trainer.state
+        record = {
+            "step": st.step,
+            "tokens": st.consumed_tokens,
+            "from": before,
+            "to": trainer.phase.describe_layout(),
+            "switch_time_s": times.total,
+            "switch_save_s": times.save,
+            "switch_teardown_s": times.teardown,
+            "switch_rebuild_s": times.rebuild,
+            "switch_load_s": times.load,
+        }
+        self.switches.append(record)
+        self._pending = {k: v for k, v in record.items() if k.startswith("switch_")}
+        # equal to a fresh job's count in this layout: the old layout's groups were freed
+        self._pending["process_groups"] = layout.live_process_groups()
+        if dist.get_rank() == 0:
+            print(
+                f"ramp: step {st.step}: layout {before} -> {record['to']} in {times.total:.2f}s "
+                f"(save {times.save:.2f}, teardown {times.teardown:.2f}, rebuild {times.rebuild:.2f}, "
+                f"load {times.load:.2f})",
+                flush=True,
+            )
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         metrics["layout"] = trainer.phase.describe_layout()
