@@ -206,7 +206,7 @@ def kernels(resolved: Resolved) -> Kernels:
 
 def vocab_for_plan(recipe: Recipe) -> int:
     m = recipe.model
-    vocab = m.vocab_size or (recipe.data.embedded_vocab_size if recipe.data.is_embedded else None)
+    vocab = recipe.planned_vocab_size()
     require(
         vocab is not None,
         "model.vocab_size: set it to plan memory (the tokenizer's size is only known once it is loaded)",

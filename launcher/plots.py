@@ -1,4 +1,5 @@
-"""PNG plots of a run, drawn from its metrics.jsonl: loss, learning rate and global batch vs tokens."""
+"""PNG plots of a run, drawn from its metrics.jsonl: loss, learning rate, and global batch (with the layout
+of each batch phase) vs tokens."""
 
 from __future__ import annotations
 
@@ -59,9 +60,19 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.step([r["tokens"] for r in train], [r["global_batch"] for r in train], where="post")
+    previous = None
+    for r in train:  # the layout of each batch phase, and the in-job switches with their time
+        if r.get("layout") and r["layout"] != previous:
+            note = r["layout"] + (f"\nswitch {r['switch_time_s']:.1f}s" if "switch_time_s" in r else "")
+            ax.annotate(
+                note, (r["tokens"], r["global_batch"]), fontsize=7, xytext=(3, 4), textcoords="offset points"
+            )
+            if "switch_time_s" in r:
+                ax.axvline(r["tokens"], color="gray", ls=":", lw=0.8)
+            previous = r["layout"]
     ax.set_xlabel("tokens")
     ax.set_ylabel("global batch (sequences)")
-    ax.set_title("Global batch size")
+    ax.set_title("Global batch size and layout (dotted: in-job layout switch)")
     ax.grid(alpha=0.3)
     save(fig, "batch.png")
     return written

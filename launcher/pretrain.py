@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramp: {r.name}: " + " ".join(d.lines()), flush=True)
         print(f"ramp: lr schedule: {schedule.describe()}", flush=True)
         print(f"ramp: batch phases:\n{d.format_phases()}", flush=True)
+        if len(d.phases) > 1:
+            print(f"ramp: layout cost model, per phase:\n{phase_costs(r, d)}", flush=True)
         print(
             f"ramp: parameter groups ({'muP' if r.mup.enabled else 'standard'}):\n{table.format_table()}",
             flush=True,
@@ -163,6 +165,30 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     return 0
+
+
+def phase_costs(r, d) -> str:
+    """The layout cost model's estimate for every batch phase's layout (``laws/layout_cost.py``)."""
+    from launcher.laws.layout_cost import LayoutCandidate, PlanRow, format_plan, step_cost
+
+    vocab = r.planned_vocab_size() or 0
+    if not vocab:
+        return "  (needs model.vocab_size)"
+    hardware = r.hardware(d.device, d.world_size)
+    rows = []
+    for i, ph in enumerate(d.phases):
+        p = ph.parallel
+        c = LayoutCandidate(p.tp, p.pp, p.vpp or 1, p.ep, ph.dp, ph.micro_batch_size, ph.num_microbatches)
+        cost = step_cost(
+            r.model,
+            c,
+            r.model.seq_length,
+            hardware,
+            vocab_size=vocab,
+            distributed_optimizer=p.distributed_optimizer,
+        )
+        rows.append(PlanRow(i, ph.start_tokens, ph.batch, c, cost))
+    return f"  on {hardware.name}\n{format_plan(rows)}"
 
 
 def dry_run_json(r, d, resolved, mem) -> dict:

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 
@@ -27,6 +27,9 @@ from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
 from launcher.laws.schedule import DecayShape, ScheduleStyle
 from launcher.laws.units import parse_count
+
+if TYPE_CHECKING:
+    from launcher.laws.layout_cost import Hardware
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -647,18 +650,28 @@ class Recipe:
             return named, entry.get("micro_batch_size", t.micro_batch_size)
         return self._auto_layout(batch, world_size, device)
 
+    def planned_vocab_size(self) -> int | None:
+        """The vocabulary size known before the tokenizer is loaded (None: only the tokenizer knows it)."""
+        m = self.model
+        return m.vocab_size or (self.data.embedded_vocab_size if self.data.is_embedded else None)
+
+    def hardware(self, device: str, world_size: int) -> Hardware:
+        """What the layout cost model assumes: the recipe's cluster on GPU, this machine's gloo on CPU."""
+        from launcher.laws.layout_cost import Hardware
+
+        if device == "cuda":
+            return Hardware.from_cluster(self.cluster or ClusterConfig())
+        return Hardware.cpu_gloo(world_size)
+
     def _auto_layout(self, batch: int, world_size: int, device: str) -> tuple[ParallelConfig, int]:
         """The cost model's fastest layout for a phase (``laws/layout_cost.py``), among those this recipe's
         own checks accept."""
-        from launcher.laws.layout_cost import Hardware, best_layout
+        from launcher.laws.layout_cost import best_layout
 
         m, p = self.model, self.parallel
-        vocab = m.vocab_size or (self.data.embedded_vocab_size if self.data.is_embedded else None)
+        vocab = self.planned_vocab_size()
         require(vocab is not None, "batch_schedule.layouts=auto needs model.vocab_size (for the cost model)")
-        if device == "cuda":
-            hardware = Hardware.from_cluster(self.cluster or ClusterConfig())
-        else:
-            hardware = Hardware.cpu_gloo(world_size)
+        hardware = self.hardware(device, world_size)
 
         def config(c) -> ParallelConfig:
             vpp = c.vpp if c.vpp > 1 else None

@@ -1,0 +1,94 @@
+"""Batch phases as the recipe derives them: hand-computed step counts, per-phase layouts, refused input."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher import build, recipe, resilience
+from launcher.callbacks.base import Callback
+from launcher.errors import RampError
+from launcher.trainer import Trainer
+
+
+def derive(sets: list[str], world: int = 1):
+    return recipe.load("moe-tiny", sets).derive(world)
+
+
+def test_step_schedule_phases_by_hand():
+    # moe-tiny: 256 tokens per sequence. 16 sequences (4,096 tokens a step) until 600,000 tokens: the
+    # phase ends at the first step boundary at or past it, ceil(600000 / 4096) = 147 steps = 602,112 tokens.
+    # Then 32 sequences (8,192 a step) up to 1.6 M: ceil(997,888 / 8,192) = 122 steps, ending at 1,601,536.
+    d = derive(
+        ["batch_schedule.kind=steps", "batch_schedule.steps=0:16 600K:32", "training.train_tokens=1.6M"]
+    )
+    got = [(ph.batch, ph.first_step, ph.start_tokens, ph.steps, ph.end_tokens) for ph in d.phases]
+    assert got == [(16, 0, 0, 147, 602_112), (32, 147, 602_112, 122, 1_601_536)]
+    assert (d.train_steps, d.train_tokens) == (269, 1_601_536)
+    assert [d.phase_at(t).batch for t in (0, 602_111, 602_112, 1_601_536)] == [16, 16, 32, 32]
+    # moe-tiny's micro-batch 8 on one process: 2 then 4 micro-batches
+    assert [ph.num_microbatches for ph in d.phases] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["training.train_steps=100", "schedule.warmup_steps=5", "schedule.decay.start_steps=50"],
+)
+def test_step_denominated_keys_refused_when_the_batch_varies(key):
+    sets = ["batch_schedule.kind=steps", "batch_schedule.steps=0:16 600K:32", key]
+    with pytest.raises(RampError, match=key.split("=")[0].replace(".", r"\.") + ".*counts steps"):
+        derive(sets)
+
+
+def test_a_phase_batch_the_layout_cannot_split_is_refused():
+    # 2 processes, micro-batch 8: a batch of 24 is no multiple of 8 x dp 2
+    sets = ["batch_schedule.kind=steps", "batch_schedule.steps=0:16 600K:24"]
+    with pytest.raises(
+        RampError, match="global_batch_size=24 is not divisible by micro_batch_size\\*dp=8\\*2"
+    ):
+        derive(sets, world=2)
+
+
+def test_named_layouts_per_phase_keep_the_recipes_other_keys():
+    sets = [
+        "training.global_batch_size=8",
+        "batch_schedule.kind=steps",
+        "batch_schedule.steps=0:8 600K:16",
+        "batch_schedule.layouts={8: {pp: 2}, 16: {micro_batch_size: 4}}",
+    ]
+    d = derive(sets, world=2)
+    first, second = d.phases
+    assert (first.parallel.pp, first.parallel.tp, first.dp, first.micro_batch_size) == (2, 1, 1, 8)
+    assert (second.parallel.pp, second.parallel.tp, second.dp, second.micro_batch_size) == (1, 1, 2, 4)
+    assert second.num_microbatches == 2  # 16 / (4 x 2)
+    assert not first.same_layout(second)
+
+
+def test_auto_layout_gives_model_parallelism_where_the_batch_leaves_no_room_for_dp():
+    # one sequence per step cannot be split over 2 data-parallel ranks: the cost model must pick TP2 or PP2
+    d = derive(["training.global_batch_size=1", "training.eval_samples=8", "batch_schedule.layouts=auto"], 2)
+    (only,) = d.phases
+    assert only.dp == 1 and only.parallel.tp * only.parallel.pp == 2
+
+
+def test_fingerprint_covers_the_batch_schedule_but_not_its_layouts():
+    def fp(*sets):
+        r = recipe.load("moe-tiny", ["batch_schedule.kind=steps", *sets])
+        d = r.derive(2)
+        schedule, _ = build.schedule_and_table(r, d)
+        return resilience.fingerprint(r, "data", schedule)
+
+    base = fp("batch_schedule.steps=0:16 600K:32")
+    assert fp("batch_schedule.steps=0:16 800K:32") != base
+    assert fp("batch_schedule.steps=0:16 600K:32", "batch_schedule.layouts={16: {}, 32: {pp: 2}}") == base
+
+
+class _Named(Callback):
+    name = "same"
+
+
+def test_callbacks_with_one_name_are_refused_before_anything_is_built():
+    r = recipe.load("moe-tiny", [])
+    d = r.derive(1)
+    _, table = build.schedule_and_table(r, d)
+    with pytest.raises(RampError, match="callbacks share the name same"):
+        Trainer(r, d, table, [_Named(), _Named()])
