@@ -87,6 +87,10 @@ class Metrics(Callback):
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
 
+    def on_rewind(self, trainer: Trainer) -> None:
+        if self.writer:
+            self._truncate_after(trainer.state.step)
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         st = trainer.state
         tokens = st.global_batch_size * trainer.recipe.model.seq_length
@@ -106,7 +110,7 @@ class Metrics(Callback):
             "tokens_per_s": self._window_tokens / max(self._window_time, 1e-9),
             "step_time": metrics["step_time"],
         }
-        for key in ("z_loss", "loss_z", "bad_steps"):
+        for key in ("z_loss", "loss_z", "bad_steps", "rewinds", "skipped_samples"):
             if key in metrics:
                 rec[key] = metrics[key]
         self._window_time, self._window_tokens = 0.0, 0
