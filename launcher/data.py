@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -25,7 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, get_bin_path, get_idx_path
 from torch.utils.data import Dataset, Subset
 
 from launcher.corpus import prepare_embedded
@@ -167,7 +167,7 @@ def check_capacity(
     blend surplus per source. Megatron itself would quietly loop over the data instead.
     """
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    lengths = [_sequence_lengths(p) for p in prefixes]
+    indices = [DocumentIndex(p) for p in prefixes]
     norm = None if weights is None else [w / sum(weights) for w in weights]
 
     def capacity(tokens: int, epochs: int) -> int:
@@ -184,15 +184,15 @@ def check_capacity(
         if matrix[i] is None:
             continue
         stats = []
-        for lens, label in zip(lengths, labels):
-            beg, end = (round(b * len(lens)) for b in matrix[i])
+        for index, label in zip(indices, labels):
+            beg, end = (round(b * index.count) for b in matrix[i])
             # megatron loops forever over a split with weight but no tokens, even for 0 samples
             require(
                 end > beg,
                 f"data.split={split!r} leaves the {name} split of {label} without documents "
-                f"(it has {len(lens):,}); give the {name} split a larger share, or weight 0 if unused",
+                f"(it has {index.count:,}); give the {name} split a larger share, or weight 0 if unused",
             )
-            stats.append((end - beg, int(lens[beg:end].sum())))
+            stats.append((end - beg, index.tokens(beg, end)))
         if size <= 0:
             continue
         epochs = max_epochs if name == "train" else 1
@@ -211,12 +211,50 @@ def check_capacity(
             _short(name, labels[k], docs, tokens, capacity(tokens, epochs), need, seq_length, hint)
 
 
-def _sequence_lengths(prefix: str) -> np.ndarray:
-    # Copy while the dataset is alive: its arrays are views of an mmap that closes with it.
-    ds = IndexedDataset(prefix)
-    lengths = np.array(ds.sequence_lengths, dtype=np.int64)
-    del ds
-    return lengths
+_IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+
+
+class DocumentIndex:
+    """A megatron ``.idx`` read lazily: its header at construction, then only the entries asked for.
+
+    The tokens of documents [beg, end) are the distance between their pointers into the ``.bin`` plus the
+    last one's length: three numbers, whatever the corpus size (the whole lengths array is gigabytes at
+    trillion-token scale, and every rank checks capacity at every start).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.path = get_idx_path(prefix)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb", buffering=0) as f:  # unbuffered: read only the bytes asked for
+            header = f.read(_IDX_HEADER.size)
+        ok = len(header) == _IDX_HEADER.size
+        magic, version, code, self.count, documents = _IDX_HEADER.unpack(header) if ok else (b"", 0, 0, 0, 0)
+        require(
+            ok and magic == b"MMIDIDX\x00\x00" and version == 1,
+            f"data: {self.path} is not a megatron index (bad header); rebuild it with ramp-prepare-data",
+        )
+        expected = _IDX_HEADER.size + 12 * self.count + 8 * documents
+        require(
+            size >= expected,
+            f"data: {self.path} is truncated ({size:,} bytes, its header needs {expected:,}); rebuild it "
+            "with ramp-prepare-data",
+        )
+        self.itemsize = DType.size(DType.dtype_from_code(code))
+        self._lengths_at = _IDX_HEADER.size
+        self._pointers_at = self._lengths_at + 4 * self.count
+
+    def tokens(self, beg: int, end: int) -> int:
+        if end <= beg:
+            return 0
+        with open(self.path, "rb", buffering=0) as f:
+            first, last = (self._read(f, self._pointers_at + 8 * i, "<q") for i in (beg, end - 1))
+            last_length = self._read(f, self._lengths_at + 4 * (end - 1), "<i")
+        return (last - first) // self.itemsize + last_length
+
+    @staticmethod
+    def _read(f, offset: int, fmt: str) -> int:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
 def _short(name: str, label: str, docs: int, tokens: int, have: int, need: int, seq: int, hint: str) -> None:
@@ -270,7 +308,7 @@ def sampled_digest(path: Path, blocks: int = 16, block: int = 4096) -> bytes:
     (a rebuilt dataset changes its size or its index header's counts and offsets)."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         for i in range(blocks + 1):
             f.seek(min(size, (size - block) * i // blocks) if size > block else 0)
             h.update(f.read(block))

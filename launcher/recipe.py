@@ -22,6 +22,7 @@ import yaml
 
 from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
+from launcher.laws.bad_steps import BadStepAction
 from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig
 from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
@@ -358,7 +359,10 @@ class CheckpointConfig:
 class ResilienceConfig:
     """What a run does about bad steps and hangs."""
 
-    max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
+    max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops or rewinds
+    # stop: exit 3 naming the step; rewind: reload the last checkpoint and skip the bad steps' samples
+    on_bad_steps: BadStepAction = "stop"
+    max_rewinds: int = 3  # rewinds in one run before it stops instead
     spike_window: int = 50  # steps of loss history for the spike z-score (0 disables)
     spike_zscore: float = 6.0  # a loss this many standard deviations above the window is logged as a spike
     collective_timeout_s: int = 600  # a collective that waits longer fails instead of hanging
@@ -367,6 +371,8 @@ class ResilienceConfig:
 
     def __post_init__(self) -> None:
         require(self.max_bad_steps >= 1, f"resilience.max_bad_steps={self.max_bad_steps}: must be >= 1")
+        check_choices(self, "resilience")
+        require(self.max_rewinds >= 0, f"resilience.max_rewinds={self.max_rewinds}: must be >= 0")
         require(self.spike_window >= 0, f"resilience.spike_window={self.spike_window}: must be >= 0")
         require(self.heartbeat_s >= 0, f"resilience.heartbeat_s={self.heartbeat_s}: must be >= 0")
         _positive(

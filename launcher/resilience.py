@@ -4,7 +4,8 @@ A checkpoint's data position (``consumed_samples``) indexes an order fixed by th
 seed and the sequence length, and its step sits on a schedule fixed in tokens: :func:`fingerprint` names
 those values and :func:`check_resume` refuses a resume that changes one, unless the run is a branch.
 :class:`BadStepGuard` skips an update whose loss or gradient norm is not finite (exactly: the optimizer is
-not stepped, so weights and Adam moments stay as they were) and stops the run after too many in a row.
+not stepped, so weights and Adam moments stay as they were); after too many in a row it stops the run, or
+has the trainer rewind to the last checkpoint and skip the bad steps' samples for good.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from launcher.errors import RampError
+from launcher.laws import bad_steps
 
 
 class RunStopped(RuntimeError):
@@ -97,11 +99,28 @@ def poison_grads(chunks) -> None:
                 return
 
 
-class BadStepGuard:
-    """Decides before the optimizer step; keeps its counts in the trainer state (so they resume)."""
+class Rewind(Exception):
+    """Raised by :class:`BadStepGuard` (policy ``rewind``): the trainer reloads the last checkpoint and
+    skips ``window``, the data positions [start, end) of the bad steps."""
 
-    def __init__(self, max_in_a_row: int) -> None:
-        self.max_in_a_row = max_in_a_row
+    def __init__(self, step_no: int, window: tuple[int, int], what: str) -> None:
+        super().__init__(f"step {step_no}: {what}")
+        self.step_no, self.window = step_no, window
+
+
+class BadStepGuard:
+    """Decides before the optimizer step; keeps its counts, and the data windows rewinds skipped, in the
+    trainer state (so they resume). ``policy`` is what ``max_in_a_row`` non-finite steps in a row do:
+    ``stop`` the run, or ``rewind`` to the last checkpoint and skip those steps' samples (at most
+    ``max_rewinds`` times)."""
+
+    def __init__(self, max_in_a_row: int, policy: str = "stop", max_rewinds: int = 0) -> None:
+        self.max_in_a_row, self.policy, self.max_rewinds = max_in_a_row, policy, max_rewinds
+
+    def data_position(self, state) -> int:
+        """The position to train the next step from, past any skipped window (a resume keeps skipping)."""
+        state.consumed_samples = bad_steps.past_skipped(state.consumed_samples, _windows(state))
+        return state.consumed_samples
 
     def step(self, optimizer, loss: float, state) -> tuple[bool, float | None]:
         """Step ``optimizer`` unless ``loss`` or the global grad norm is non-finite. Returns
@@ -118,18 +137,63 @@ class BadStepGuard:
             require_ok(ok, step_no)
             counts["in_a_row"] = 0
             return True, float(grad_norm) if grad_norm is not None else norm
+        if counts["in_a_row"] == 0:
+            counts["from"] = state.consumed_samples  # where the bad run's samples start
         counts["total"] += 1
         counts["in_a_row"] += 1
         what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {norm}"
         if dist.get_rank() == 0:
             print(f"ramp: step {step_no}: {what}; update skipped ({counts['total']} so far)", flush=True)
         if counts["in_a_row"] >= self.max_in_a_row:
+            in_a_row = f"{counts['in_a_row']} non-finite steps in a row ({what})"
+            rewinds = len(_windows(state))
+            if self.policy == "rewind" and rewinds < self.max_rewinds:
+                window = (
+                    counts.get("from", state.consumed_samples),
+                    state.consumed_samples + state.global_batch_size,
+                )
+                raise Rewind(step_no, window, in_a_row)
+            after = (
+                f" after {rewinds} rewinds (resilience.max_rewinds={self.max_rewinds})"
+                if self.policy == "rewind"
+                else ""
+            )
             raise RunStopped(
-                f"step {step_no}: {counts['in_a_row']} non-finite steps in a row ({what}); stopping "
+                f"step {step_no}: {in_a_row}; stopping{after} "
                 f"(resilience.max_bad_steps={self.max_in_a_row}); resume from the last checkpoint with a "
                 "lower LR or other data"
             )
         return False, norm if norm is not None else float("nan")
+
+    def rewound(self, bad: Rewind, before, loaded, path: Path | None) -> None:
+        """Carry what happened past the checkpoint into its state: the skipped window and the counts."""
+        if path is None:
+            raise RunStopped(
+                f"{bad}; resilience.on_bad_steps=rewind but there is no checkpoint to rewind to: lower "
+                "checkpoint.interval, or resume with a lower LR or other data"
+            )
+        windows = [*_windows(before), list(bad.window)]
+        loaded.extra["skipped_samples"] = windows
+        loaded.extra["bad_steps"] = {"total": before.extra["bad_steps"]["total"], "in_a_row": 0}
+        if dist.get_rank() == 0:
+            print(
+                f"ramp: {bad}: rewound to {path.name} (step {loaded.step}); skipping samples "
+                f"[{bad.window[0]}, {bad.window[1]}) (rewind {len(windows)} of {self.max_rewinds})",
+                flush=True,
+            )
+
+    @staticmethod
+    def metrics(state) -> dict[str, int]:
+        windows = _windows(state)
+        return {
+            "bad_steps": state.extra.get("bad_steps", {}).get("total", 0),
+            "rewinds": len(windows),
+            "skipped_samples": bad_steps.skipped_samples(windows),
+        }
+
+
+def _windows(state) -> list[list[int]]:
+    return state.extra.get("skipped_samples", [])
 
 
 def require_ok(ok: bool, step_no: int) -> None:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from launcher import checkpoint, data, gpu, layout, model, optim, parametrization, resilience
 from launcher.callbacks.base import Callback
 from launcher.errors import RampError, require
+from launcher.laws.bad_steps import is_bad_batch
 from launcher.laws.mup import MupTable
 from launcher.laws.schedule import resolve_schedule
 from launcher.recipe import Derived, PhasePlan, Recipe
@@ -94,7 +95,8 @@ class Trainer:
         self._signalled = False  # set by SIGTERM on this rank
         self.stop_requested = False  # set only when all ranks agree, so every rank leaves at the same step
         self.last_eval: dict[str, float] = {}
-        self.guard = resilience.BadStepGuard(recipe.resilience.max_bad_steps)
+        rs = recipe.resilience
+        self.guard = resilience.BadStepGuard(rs.max_bad_steps, rs.on_bad_steps, rs.max_rewinds)
         self.loaded_from: Path | None = None
         self.last_saved: tuple[int, Path] | None = None  # (step, directory) of the newest save
         self._build()
@@ -216,7 +218,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> Path:
         """Load ``path`` (from :func:`find_checkpoint`) on every rank, resharded into this layout."""
         ck = self.recipe.checkpoint
-        if ck.branch:
+        if ck.branch and self.loaded_from is None:  # a rewind reloads the branch's own checkpoint
             resilience.check_branch_target(path, self.recipe.checkpoint_dir)
         resilience.check_resume(
             checkpoint.read_trainer_state(path).get("fingerprint"), self.fingerprint, ck.branch, path
@@ -262,7 +264,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         gbs = self.state.global_batch_size
-        batches = self._microbatches(self.bundle.train, self.state.consumed_samples, gbs)
+        batches = self._microbatches(self.bundle.train, self.guard.data_position(self.state), gbs)
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
@@ -270,7 +272,7 @@ class Trainer:
         losses = self._run(batches, forward_only=False)
         lm = _mean_over_last_stage([x["lm_loss"] for x in losses])
         aux = self._moe_aux_losses(len(batches))
-        if self.state.step + 1 in self.recipe.resilience.inject_nan_steps:
+        if is_bad_batch(self.recipe.resilience.inject_nan_steps, self.state.consumed_samples, gbs):
             resilience.poison_grads(self.chunks)
         ok, grad_norm = self.guard.step(self.optimizer, lm + sum(aux.values()), self.state)
         self.state.step += 1
@@ -283,7 +285,7 @@ class Trainer:
             **({"z_loss": aux["z_loss"]} if "z_loss" in aux else {}),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": float(bool(ok)),
-            "bad_steps": self.state.extra.get("bad_steps", {}).get("total", 0),
+            **self.guard.metrics(self.state),
         }
 
     def _moe_aux_losses(self, num_microbatches: int) -> dict[str, float]:
@@ -343,7 +345,11 @@ class Trainer:
         """One step with its callbacks, evaluation when due, and the collective stop decision."""
         self.emit("on_step_start")
         t0 = time.perf_counter()
-        metrics = self.train_step()
+        try:
+            metrics = self.train_step()
+        except resilience.Rewind as bad:
+            self.rewind(bad)
+            return
         metrics["step_time"] = time.perf_counter() - t0
         self.emit("on_step_end", metrics)
         interval = self.recipe.training.eval_interval
@@ -351,6 +357,17 @@ class Trainer:
             self._eval()
         if self._agree_to_stop():
             self.stop_requested = True
+
+    def rewind(self, bad: resilience.Rewind) -> None:
+        """Reload the last checkpoint and skip the bad steps' samples (resilience.on_bad_steps=rewind).
+        The checkpoint is saved again with the skipped window in its state: a resume skips it too."""
+        before = self.state
+        path = find_checkpoint(self.recipe, "auto")
+        if path is not None:
+            self.load_checkpoint(path)
+        self.guard.rewound(bad, before, self.state, path)
+        self.save_checkpoint()
+        self.emit("on_rewind")
 
     def _eval(self) -> None:
         self.last_eval = self.evaluate()
@@ -378,16 +395,17 @@ class Trainer:
         self._signalled = True
 
 
-def find_checkpoint(recipe: Recipe) -> Path | None:
-    """Collective: ``checkpoint.load`` resolved on rank 0 (verifying checksums) and told to every rank;
-    None: start fresh (``auto`` with no checkpoint, or no ``load``)."""
+def find_checkpoint(recipe: Recipe, spec: str | None = None) -> Path | None:
+    """Collective: ``spec`` (default ``checkpoint.load``) resolved on rank 0 (verifying checksums) and told
+    to every rank; None: start fresh (``auto`` with no checkpoint, or nothing to load)."""
     ck = recipe.checkpoint
-    if ck.load is None:
+    spec = ck.load if spec is None else spec
+    if spec is None:
         return None
     found: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            found = [checkpoint.resolve(ck.load, recipe.checkpoint_dir, verify_checksums=ck.checksums)]
+            found = [checkpoint.resolve(spec, recipe.checkpoint_dir, verify_checksums=ck.checksums)]
         except RampError as e:
             found = [e]
     dist.broadcast_object_list(found, src=0)

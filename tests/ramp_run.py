@@ -98,6 +98,46 @@ def ramp_env() -> dict[str, str]:
     return env
 
 
+def ramp_command(
+    run_dir: Path,
+    sets: list[str],
+    nproc: int = 1,
+    recipe: str = "moe-tiny",
+    extra_args: list[str] | None = None,
+    base: list[str] | None = None,
+) -> list[str]:
+    """The command line that trains ``recipe`` (``base`` overrides, by default the tiny model ``TINY``, then
+    ``sets``) into ``run_dir``."""
+    args = ["--recipe", recipe]
+    for s in [*(TINY if base is None else base), f"logging.run_dir={run_dir}", *sets]:
+        args += ["--set", s]
+    args += extra_args or []
+    if nproc == 1:
+        return [sys.executable, "-m", "launcher.pretrain", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "launcher.pretrain",
+        *args,
+    ]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl as (train records, eval records)."""
+    train: list[dict] = []
+    evals: list[dict] = []
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            (evals if "val_loss" in rec else train).append(rec)
+    return train, evals
+
+
 def run_ramp(
     run_dir: Path,
     sets: list[str],
@@ -110,31 +150,10 @@ def run_ramp(
     """Train through ``launcher.pretrain`` and read back metrics.jsonl. ``base``: overrides applied before
     ``sets`` (default: the tiny test model, ``TINY``; benchmarks pass their own)."""
     run_dir = Path(run_dir)
-    args = ["--recipe", recipe]
-    for s in [*(TINY if base is None else base), f"logging.run_dir={run_dir}", *sets]:
-        args += ["--set", s]
-    args += extra_args or []
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "launcher.pretrain", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            "-m",
-            "launcher.pretrain",
-            *args,
-        ]
+    cmd = ramp_command(run_dir, sets, nproc, recipe, extra_args, base)
     p = subprocess.run(cmd, cwd=ROOT, env=ramp_env(), capture_output=True, text=True, timeout=timeout)
-    run = Run(p.returncode, p.stdout, p.stderr, run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            (run.evals if "val_loss" in rec else run.train).append(rec)
-    return run
+    train, evals = read_metrics(run_dir)
+    return Run(p.returncode, p.stdout, p.stderr, run_dir, train, evals)
 
 
 def step_checkpoint(run: Run, step: int) -> Path:

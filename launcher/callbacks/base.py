@@ -32,6 +32,10 @@ class Callback:
     def on_checkpoint_saved(self, trainer: Trainer, path: str) -> None:
         """After a checkpoint is complete and ``latest`` points at it."""
 
+    def on_rewind(self, trainer: Trainer) -> None:
+        """After bad steps made the trainer reload its last checkpoint mid-run (``trainer.state`` is the
+        checkpoint's, its callback states loaded); the steps after it are trained again."""
+
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last step, or when a stop was requested (SIGTERM)."""
 

@@ -24,6 +24,9 @@ class Checkpointing(Callback):
         if loaded is not None and loaded.parent.resolve() == trainer.recipe.checkpoint_dir.resolve():
             self._saved_step = trainer.state.step
 
+    def on_rewind(self, trainer: Trainer) -> None:
+        self._saved_step = trainer.state.step  # the rewind saved it again, with the skipped window
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = trainer.state.step
         if self.interval and step % self.interval == 0:

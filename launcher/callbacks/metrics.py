@@ -88,6 +88,10 @@ class Metrics(Callback):
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
 
+    def on_rewind(self, trainer: Trainer) -> None:
+        if self.writer:
+            self._truncate_after(trainer.state.step)
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         """Logs every ``log_interval`` steps, the first and last step, and every step whose batch differs from
         the previous one (a batch phase starts: its columns, such as a layout switch's, are never lost)."""

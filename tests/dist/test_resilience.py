@@ -18,6 +18,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from launcher import checkpoint
 from ramp_run import ROOT, TINY, free_port, kill_tree, ramp_env, run_ramp, step_checkpoint
 
@@ -158,6 +159,63 @@ def test_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path):
     )
     assert run.returncode == 3
     assert "step 3: 2 non-finite steps in a row" in _one_error_line(run)
+
+
+def test_rewind_skips_the_bad_steps_samples_and_trains_on_as_a_run_started_past_them(tmp_path):
+    """NaN at steps 5-6 (max_bad_steps=2): the run reloads step 4 and skips the samples of steps 5-6, then
+    trains as a run started from that checkpoint with its data position moved past them by hand."""
+    gbs, rewind_sets = 16, ["resilience.max_bad_steps=2", "resilience.on_bad_steps=rewind"]
+    run = run_ramp(
+        tmp_path / "rewind",
+        _sets(
+            f"checkpoint.interval={EVERY}",
+            "checkpoint.keep_last=10",
+            "resilience.inject_nan_steps=[5,6]",
+            *rewind_sets,
+        ),
+        nproc=2,
+    ).check()
+    assert "step 6: 2 non-finite steps in a row (grad norm nan): rewound to step_0000004" in run.stdout
+    # metrics.jsonl tells one history: steps 1-8 once, the retrained 5-8 with the rewind counted.
+    assert [r["step"] for r in run.train] == list(range(1, STEPS + 1))
+    assert {s: (r["rewinds"], r["skipped_samples"], r["bad_steps"]) for s, r in enumerate(run.train, 1)} == {
+        s: (0, 0, 0) if s <= 4 else (1, 2 * gbs, 2) for s in range(1, STEPS + 1)
+    }
+    # Saved again at the rewind, step 4 records the window (4 steps done, 2 bad steps of 16 samples), so
+    # a resume from it skips the window too; the last checkpoint carries it on.
+    for step, position in ((4, 4 * gbs), (STEPS, (STEPS + 2) * gbs)):
+        st = checkpoint.read_trainer_state(step_checkpoint(run, step))["state"]
+        assert st["extra"]["skipped_samples"] == [[4 * gbs, 6 * gbs]]
+        assert (st["step"], st["consumed_samples"]) == (step, position)
+    # The reference: the same step-4 weights, its data position set past the window by hand, no window.
+    ref_ckpt = tmp_path / "ref_ckpt" / "step_0000004"
+    shutil.copytree(step_checkpoint(run, 4), ref_ckpt)
+    (ref_ckpt / checkpoint.MANIFEST).unlink()  # common.pt changes size below
+    common = torch.load(ref_ckpt / "common.pt", weights_only=False)
+    common["ramp"]["state"]["consumed_samples"] = 6 * gbs
+    common["ramp"]["state"]["extra"] = {}
+    torch.save(common, ref_ckpt / "common.pt")
+    ref = run_ramp(tmp_path / "ref", _sets(f"checkpoint.load={ref_ckpt}", *rewind_sets), nproc=2).check()
+    after = {s: x for s, x in run.series("loss").items() if s > 4}
+    assert after == ref.series("loss") and sorted(after) == [5, 6, 7, 8]
+
+
+def test_rewinds_are_bounded(tmp_path):
+    run = run_ramp(
+        tmp_path,
+        [
+            "training.train_steps=6",
+            "checkpoint.interval=2",
+            "resilience.inject_nan_steps=[3,4,5,6,7]",
+            "resilience.max_bad_steps=2",
+            "resilience.on_bad_steps=rewind",
+            "resilience.max_rewinds=1",
+        ],
+    )
+    assert run.returncode == 3, run.stderr[-3000:]
+    # Rewind 1 skips the samples of steps 3-4; the batches of steps 5-6 are bad too: stop, naming it.
+    assert "rewound to step_0000002 (step 2); skipping samples [32, 64) (rewind 1 of 1)" in run.stdout
+    assert "step 4: 2 non-finite steps in a row (grad norm nan); stopping after 1 rewinds" in _one_error_line(run)
 
 
 def test_second_job_on_a_held_run_dir_stops_naming_the_holder(tmp_path):

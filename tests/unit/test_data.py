@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from launcher import corpus
 from launcher.corpus import prepare_embedded, stdlib_dir, stdlib_files
-from launcher.data import build_datasets, microbatches, parse_blend
+from launcher.data import DocumentIndex, build_datasets, microbatches, parse_blend, sampled_digest
 from launcher.errors import RampError
 from launcher.indexing import expand_inputs, iter_documents, write_indexed_dataset
 from launcher.recipe import DataConfig
@@ -279,6 +279,68 @@ def test_too_small_dataset_is_a_one_line_error(pg, files, tok, dataset, tmp_path
         build_datasets(_cfg(tmp_path, [str(prefix)], tok.path, split="90,5,5"), SEQ, 1, 10, 0)
     with pytest.raises(RampError, match="no dataset at"):
         build_datasets(_cfg(tmp_path, [str(tmp_path / "missing")], tok.path), SEQ, 1, 10, 0)
+
+
+def _bytes_read() -> int:
+    """This process's bytes read through read() so far (Linux /proc/self/io ``rchar``)."""
+    return int(
+        next(ln for ln in Path("/proc/self/io").read_text().splitlines() if ln.startswith("rchar:"))[7:]
+    )
+
+
+@pytest.fixture(scope="module")
+def big_index(tmp_path_factory):
+    """200,000 documents of 1-60 tokens, written by megatron's own builder (no tokenizer needed)."""
+    prefix = str(tmp_path_factory.mktemp("big") / "big")
+    lengths = np.random.default_rng(0).integers(1, 61, size=200_000)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for n in lengths:
+        builder.add_item(torch.arange(int(n)) % 1000)
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix, lengths
+
+
+def test_document_tokens_are_read_lazily(big_index):
+    prefix, lengths = big_index
+    before = _bytes_read()
+    index = DocumentIndex(prefix)
+    got = [index.tokens(beg, end) for beg, end in ((0, 160_000), (160_000, 200_000), (7, 8), (5, 5))]
+    read = _bytes_read() - before
+    assert got == [int(lengths[:160_000].sum()), int(lengths[160_000:].sum()), int(lengths[7]), 0]
+    assert index.count == 200_000
+    # The header and three numbers per range (+ the /proc read itself), not the 2.4 MB of lengths/pointers.
+    assert read < 1024, read
+
+
+def test_truncated_index_is_refused_in_one_line(big_index, tmp_path):
+    prefix, _ = big_index
+    cut = tmp_path / "cut"
+    data = Path(prefix + ".idx").read_bytes()
+    (tmp_path / "cut.idx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RampError, match=r"cut.idx is truncated \([\d,]+ bytes, its header needs [\d,]+\)"):
+        DocumentIndex(str(cut))
+
+
+def test_content_key_reads_a_fixed_sample_and_sees_a_flipped_byte_in_it(big_index, tmp_path):
+    prefix, _ = big_index
+    blocks, block = 16, 4096
+    source = Path(prefix + ".bin")
+    size = source.stat().st_size
+    assert size > 100 * (blocks + 1) * block  # a sample of it, not the file
+    before = _bytes_read()
+    key = sampled_digest(source, blocks, block)
+    assert _bytes_read() - before <= (blocks + 1) * block + 512
+    data = bytearray(source.read_bytes())
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(bytes(data))
+    assert sampled_digest(copy, blocks, block) == key
+    inside = (size - block) * 5 // blocks + 100  # in the 6th sampled block
+    data[inside] ^= 0x01
+    copy.write_bytes(bytes(data))
+    assert sampled_digest(copy, blocks, block) != key
+    copy.write_bytes(bytes(data[:-1]))  # a different size changes the key wherever it differs
+    assert sampled_digest(copy, blocks, block) != key
 
 
 # --- micro-batches -----------------------------------------------------------------------------------

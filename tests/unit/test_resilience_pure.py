@@ -15,6 +15,8 @@ import pytest
 from launcher import checkpoint, resilience, runlock
 from launcher.callbacks.loss_spikes import zscore
 from launcher.errors import RampError
+from launcher.laws.bad_steps import is_bad_batch, past_skipped, skipped_samples
+from launcher.recipe import load as load_recipe
 
 
 def test_exchange_swaps_two_directories(tmp_path):
@@ -64,3 +66,29 @@ def test_resume_check_names_the_field_and_both_values(tmp_path):
         "training.seed"
     ]
     assert resilience.check_resume(None, {"training.seed": 2}, False, tmp_path) == []
+
+
+def test_past_skipped_moves_through_chained_windows_only_from_inside_them():
+    windows = [[64, 96], [96, 112], [200, 216]]
+    assert [past_skipped(p, windows) for p in (48, 64, 80, 96, 112, 199, 200, 215, 216)] == [
+        48,
+        112,
+        112,
+        112,
+        112,
+        199,
+        216,
+        216,
+        216,
+    ]
+    assert skipped_samples(windows) == 32 + 16 + 16
+
+
+def test_nan_injection_follows_the_batch_not_the_step_number():
+    # gbs 16: the batch at sample 32 is step 3's in an uninterrupted run; 40 is no batch boundary there.
+    assert [is_bad_batch([3], p, 16) for p in (16, 32, 40, 48)] == [False, True, False, False]
+
+
+def test_an_unknown_bad_step_action_is_refused_naming_the_choices():
+    with pytest.raises(RampError, match=r"resilience.on_bad_steps='retry': choose one of stop, rewind"):
+        load_recipe("moe-tiny", ["resilience.on_bad_steps=retry"])
