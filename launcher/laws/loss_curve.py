@@ -224,19 +224,25 @@ def multi_power_drop(
     eta: np.ndarray, k: np.ndarray, at: np.ndarray, C: float, beta: float, gamma: float
 ) -> np.ndarray:
     """``sum_k d_k G(eta_k**-gamma S_k(t))`` at the 0-based step indices ``at`` (LD / B)."""
+    return _drop_value(_drop_terms(eta, k, at), C, beta, gamma)
+
+
+def _drop_terms(eta: np.ndarray, k: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What LD needs that no parameter changes: S_k(t) (points x drops), d_k and ln eta_k."""
     d = lr_drops(eta)
     idx = np.nonzero(d)[0]
-    if idx.size == 0:
-        return np.zeros(len(at))
     s1 = np.cumsum(k * eta)
     s1_before = s1 - k * eta  # S1 after step i-1
-    at = np.asarray(at)
-    area = s1[at][:, None] - s1_before[idx][None, :]  # S_k(t): area from the drop's step through t
-    live = area > 0
-    scale = np.maximum(eta[idx], ETA_FLOOR) ** -gamma
-    x = np.where(live, C * scale[None, :] * np.where(live, area, 0.0), 0.0)
-    g = 1.0 - (1.0 + x) ** -beta
-    return (g * d[idx][None, :]).sum(axis=1)
+    area = np.maximum(s1[np.asarray(at)][:, None] - s1_before[idx][None, :], 0.0)  # 0: drop not yet made
+    return area, d[idx], np.log(np.maximum(eta[idx], ETA_FLOOR))
+
+
+def _drop_value(terms: tuple[np.ndarray, np.ndarray, np.ndarray], C: float, beta: float, gamma: float):
+    area, d, log_eta = terms
+    if d.size == 0:
+        return np.zeros(area.shape[0])
+    x = C * np.exp(-gamma * log_eta)[None, :] * area
+    return ((1.0 - (1.0 + x) ** -beta) * d[None, :]).sum(axis=1)
 
 
 # -- curves and fits ---------------------------------------------------------------------------------------
@@ -433,19 +439,16 @@ def _solve(
     prep: list[_Prepared],
     names: tuple[str, ...],
     bounds: dict[str, tuple[float, float]],
-    law: str,
-    lam: float | None,
+    model: Callable[[dict[str, float]], np.ndarray],
     starts: list[dict[str, float]],
 ) -> tuple[dict[str, float], float]:
-    """Bounded robust least squares over ``names`` from each start; the best result."""
+    """Bounded robust least squares of ``model`` (all fitted points, concatenated) from each start."""
     lo = np.array([bounds[n][0] for n in names])
     hi = np.array([bounds[n][1] for n in names])
-    obs = np.concatenate([p.loss for p in prep])
+    log_obs = np.log(np.concatenate([p.loss for p in prep]))
 
     def resid(x: np.ndarray) -> np.ndarray:
-        par = dict(zip(names, x))
-        pred = np.concatenate([_predict(law, par, p.eta, p.k, p.at, lam) for p in prep])
-        return np.log(np.maximum(pred, 1e-6)) - np.log(obs)
+        return np.log(np.maximum(model(dict(zip(names, x))), 1e-6)) - log_obs
 
     best: tuple[dict[str, float], float] | None = None
     for s in starts:
@@ -479,6 +482,8 @@ def _linear_start(prep: list[_Prepared], alpha: float, drop: list[np.ndarray]) -
 
 def _fit_momentum(prep: list[_Prepared], lam: float) -> tuple[dict[str, float], float]:
     s2s = [s1_s2(p.eta, lam, p.k)[1][p.at] for p in prep]
+    s1 = np.concatenate([p.s1 for p in prep])
+    s2 = np.concatenate(s2s)
     lmax = float(max(p.loss.max() for p in prep))
     grid = []
     for alpha in (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.5):
@@ -486,18 +491,24 @@ def _fit_momentum(prep: list[_Prepared], lam: float) -> tuple[dict[str, float], 
         grid.append((res, {"L0": min(coef[0], lmax * 0.999), "A": coef[1], "alpha": alpha, "C": coef[2]}))
     grid.sort(key=lambda g: g[0])
     bounds = {"L0": (0.0, lmax), "A": (0.0, 1e8), "alpha": (1e-3, 3.0), "C": (0.0, 1e3)}
-    return _solve(prep, PARAMS["momentum"], bounds, "momentum", lam, [g[1] for g in grid[:4]])
+
+    def model(p: dict[str, float]) -> np.ndarray:
+        return p["L0"] + p["A"] * s1 ** -p["alpha"] - p["C"] * s2
+
+    return _solve(prep, PARAMS["momentum"], bounds, model, [g[1] for g in grid[:4]])
 
 
 def _fit_multi_power(prep: list[_Prepared]) -> tuple[dict[str, float], float]:
     lmax = float(max(p.loss.max() for p in prep))
     steps = float(np.mean([p.k.sum() for p in prep]))
+    terms = [_drop_terms(p.eta, p.k, p.at) for p in prep]
+    s1 = np.concatenate([p.s1 for p in prep])
     grid = []
     for alpha in (0.1, 0.3, 0.6, 1.0):
         for c in (0.1 / steps, 1.0 / steps, 10.0 / steps, 100.0 / steps):
             for beta in (0.3, 0.6, 1.2):
                 for gamma in (0.2, 0.6):
-                    drops = [multi_power_drop(p.eta, p.k, p.at, c, beta, gamma) for p in prep]
+                    drops = [_drop_value(t, c, beta, gamma) for t in terms]
                     coef, res = _linear_start(prep, alpha, drops)
                     start = {
                         "L0": min(coef[0], lmax * 0.999),
@@ -519,7 +530,12 @@ def _fit_multi_power(prep: list[_Prepared]) -> tuple[dict[str, float], float]:
         "beta": (1e-3, 5.0),
         "gamma": (0.0, 3.0),
     }
-    return _solve(prep, PARAMS["multi-power"], bounds, "multi-power", None, [g[1] for g in grid[:6]])
+
+    def model(p: dict[str, float]) -> np.ndarray:
+        ld = np.concatenate([_drop_value(t, p["C"], p["beta"], p["gamma"]) for t in terms])
+        return p["L0"] + p["A"] * s1 ** -p["alpha"] - p["B"] * ld
+
+    return _solve(prep, PARAMS["multi-power"], bounds, model, [g[1] for g in grid[:6]])
 
 
 # -- evaluation and planning -------------------------------------------------------------------------------
