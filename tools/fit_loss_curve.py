@@ -137,7 +137,7 @@ def read_run(run_dir: Path, loss: str = "val") -> Curve:
         require(
             bool(evals), f"{run_dir}: no validation records (set training.eval_interval, or --loss train)"
         )
-        pts = [(e["step"], e["val_loss"]) for e in evals if e["step"] <= last]
+        pts = [(e["step"], e["val_loss"]) for e in evals if 1 <= e["step"] <= last]  # step 0: before training
     else:
         pts = [(r["step"], r["loss"]) for r in train]
     return Curve(run_dir.name, sched, np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
