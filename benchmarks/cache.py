@@ -24,3 +24,37 @@ def code_version(paths: Iterable[str]) -> str:
 def run_key(sets: list[str], version: str) -> str:
     """Cache key: the run's full override list and the code version (a change of either is a new run)."""
     return hashlib.sha1("\n".join([version, *sets]).encode()).hexdigest()[:12]
+
+
+def cached_run(name: str, sets: list[str], version: str, cache: Path, work: Path, nproc: int = 1) -> dict:
+    """Train ``sets`` (full override list, on moe-tiny) unless this code already did; per-step ``lr`` and
+    ``global_batch`` (the run must log every step), the train loss and the validation curve."""
+    import json
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ramp_run import run_ramp
+
+    key = run_key(sets, version)
+    path = cache / f"{name}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    run = run_ramp(work / name, sets, base=[], timeout=6 * 3600, nproc=nproc).check()
+    train = sorted(run.train, key=lambda r: r["step"])
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), f"{name}: log every step"
+    result = {
+        "run": name,
+        "sets": sets,
+        "code_version": version,
+        "wall_s": time.perf_counter() - t0,
+        "seq_length": train[0]["tokens"] // train[0]["global_batch"],
+        "lr": [r["lr"] for r in train],
+        "global_batch": [r["global_batch"] for r in train],
+        "loss": [r["loss"] for r in train],
+        "val": [[r["step"], r["val_loss"]] for r in run.evals if r["step"] > 0],
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
