@@ -6,18 +6,24 @@ process per run is also what a user gets.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+from launcher import plots
+from launcher.launch.local import ROOT, Run, child_env, free_port, kill_tree, pretrain_command, run_pretrain
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = [
+    "ROOT",
+    "TINY",
+    "Run",
+    "assert_continues",
+    "free_port",
+    "kill_tree",
+    "ramp_command",
+    "ramp_env",
+    "read_metrics",
+    "run_ramp",
+    "step_checkpoint",
+]
 
 # A model small enough that the whole layout suite runs in minutes on 2 cores (design.md), with every
 # structural feature the layouts split: 4 layers (PP2 x VPP2), 4 heads (TP2), 4 experts (EP2/EP4).
@@ -42,60 +48,8 @@ TINY = [
 ]
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago; the OS picks it, so parallel runs don't collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree(pid: int, grace_s: float = 15.0) -> None:
-    """End a launcher and every process it started (torchrun and deepspeed start workers in sessions of
-    their own, so a process-group kill misses them). ``grace_s=0``: SIGKILL at once, as a crash would."""
-    try:
-        parent = psutil.Process(pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    alive = procs
-    if grace_s > 0:
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    run_dir: Path
-    train: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-
-    def series(self, key: str) -> dict[int, float]:
-        return {r["step"]: r[key] for r in self.train}
-
-    def check(self) -> Run:
-        assert self.returncode == 0, (
-            f"ramp failed ({self.returncode}):\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
-        )
-        return self
-
-
 def ramp_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="1"
-    )
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("MASTER_PORT", None)
-    return env
+    return child_env()
 
 
 def ramp_command(
@@ -111,31 +65,13 @@ def ramp_command(
     args = ["--recipe", recipe]
     for s in [*(TINY if base is None else base), f"logging.run_dir={run_dir}", *sets]:
         args += ["--set", s]
-    args += extra_args or []
-    if nproc == 1:
-        return [sys.executable, "-m", "launcher.pretrain", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "launcher.pretrain",
-        *args,
-    ]
+    return pretrain_command([*args, *(extra_args or [])], nproc)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl as (train records, eval records)."""
-    train: list[dict] = []
-    evals: list[dict] = []
+    """metrics.jsonl of ``run_dir`` as (train records, eval records); empty if it has none."""
     metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            (evals if "val_loss" in rec else train).append(rec)
-    return train, evals
+    return plots.read_metrics(metrics) if metrics.exists() else ([], [])
 
 
 def run_ramp(
@@ -149,11 +85,9 @@ def run_ramp(
 ) -> Run:
     """Train through ``launcher.pretrain`` and read back metrics.jsonl. ``base``: overrides applied before
     ``sets`` (default: the tiny test model, ``TINY``; benchmarks pass their own)."""
-    run_dir = Path(run_dir)
-    cmd = ramp_command(run_dir, sets, nproc, recipe, extra_args, base)
-    p = subprocess.run(cmd, cwd=ROOT, env=ramp_env(), capture_output=True, text=True, timeout=timeout)
-    train, evals = read_metrics(run_dir)
-    return Run(p.returncode, p.stdout, p.stderr, run_dir, train, evals)
+    return run_pretrain(
+        recipe, [*(TINY if base is None else base), *sets], run_dir, nproc, timeout, ROOT, extra_args
+    )
 
 
 def step_checkpoint(run: Run, step: int) -> Path:

@@ -49,6 +49,13 @@ LAYOUT_MODES: tuple[str, ...] = get_args(LayoutMode)
 #: What a per-batch layout entry may name; a key left out keeps the recipe's value.
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "micro_batch_size")
 
+
+def lr_multiplier(rule: str, ratio: float) -> float:
+    """The LR factor for a batch ``ratio`` times the reference batch: 1, sqrt(ratio) or ratio."""
+    require_choice("lr_rule", rule, LR_RULES)
+    return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[rule]
+
+
 #: Fields each kind reads besides the common ``lr_rule`` and ``layouts``; any other one set is refused.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "constant": (),
@@ -298,8 +305,7 @@ class BatchSchedule:
 
     def lr_scale(self, batch: int) -> float:
         """Multiplier on every group's peak LR at ``batch``, relative to the first phase's batch."""
-        ratio = batch / self.initial_batch
-        return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_rule]
+        return lr_multiplier(self.lr_rule, batch / self.initial_batch)
 
     def describe(self) -> str:
         """One line for the start-up print."""

@@ -1,8 +1,8 @@
 """Every patch in patches/: the megatron-core/torch scenario it exists for fails without it and works with it.
 
-Each case runs ``tests/patch_probe.py NAME`` in a fresh interpreter (the patches change torch and
+Each case runs ``tests/patch_scenarios.py NAME`` in a fresh interpreter (the patches change torch and
 megatron-core globally): every other patch applied as in a real CPU run, the scenario without the patch
-(its failure recorded), then with it. The probes of the selected cases start together when the first one
+(its failure recorded), then with it. The scenarios of the selected cases start together when the first one
 is needed, two at a time, so the file costs about one megatron import per patch on two cores.
 """
 
@@ -23,8 +23,8 @@ from ramp_run import ramp_env
 import patches
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = ROOT / "tests" / "patch_probe.py"
-MARK = "PATCH_PROBE "
+SCENARIOS_SCRIPT = ROOT / "tests" / "patch_scenarios.py"
+MARK = "PATCH_SCENARIO "
 JOBS = 2
 TIMEOUT_S = 400
 SLOW_FIRST = ("async_save_queue", "distopt_checkpoint")  # started first so the pool stays busy
@@ -32,11 +32,11 @@ SLOW_FIRST = ("async_save_queue", "distopt_checkpoint")  # started first so the 
 COVERED: dict[str, Callable] = {}
 
 
-def uses_probe(name: str, *marks: pytest.MarkDecorator) -> Callable:
-    """The test receives, as ``probe``, the JSON result of ``patch_probe.py name``."""
+def uses_scenario(name: str, *marks: pytest.MarkDecorator) -> Callable:
+    """The test receives, as ``scenario``, the JSON result of ``patch_scenarios.py name``."""
 
     def register(fn: Callable) -> Callable:
-        fn.probe_name = name
+        fn.scenario_name = name
         for mark in marks:
             fn = mark(fn)
         return fn
@@ -49,12 +49,12 @@ def covers(name: str, *marks: pytest.MarkDecorator) -> Callable:
 
     def register(fn: Callable) -> Callable:
         COVERED[name] = fn
-        return uses_probe(name, *marks)(fn)
+        return uses_scenario(name, *marks)(fn)
 
     return register
 
 
-# ------------------------------------------------------------------------------------------ probe runner
+# ------------------------------------------------------------------------------------------ scenario runner
 
 
 @dataclass
@@ -65,9 +65,9 @@ class ProbeRun:
     result: dict | None
 
 
-class Probes:
+class Scenarios:
     def __init__(self, names: list[str]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=JOBS, thread_name_prefix="patch-probe")
+        self._pool = ThreadPoolExecutor(max_workers=JOBS, thread_name_prefix="patch-scenario")
         self._futures: dict[str, Future] = {}
         self._procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -82,7 +82,7 @@ class Probes:
 
     def _run(self, name: str) -> ProbeRun:
         proc = subprocess.Popen(
-            [sys.executable, str(PROBE), name],
+            [sys.executable, str(SCENARIOS_SCRIPT), name],
             cwd=str(ROOT),
             env=ramp_env(),
             stdout=subprocess.PIPE,
@@ -96,7 +96,7 @@ class Probes:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            err += f"\n[probe killed after {TIMEOUT_S}s]"
+            err += f"\n[scenario killed after {TIMEOUT_S}s]"
         lines = [line for line in out.splitlines() if line.startswith(MARK)]
         result = json.loads(lines[-1][len(MARK) :]) if lines else None
         return ProbeRun(proc.returncode, out, err, result)
@@ -104,7 +104,7 @@ class Probes:
     def __call__(self, name: str) -> dict:
         run = self._submit(name).result()
         assert run.result is not None and run.returncode == 0, (
-            f"probe {name} failed (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+            f"scenario {name} failed (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
         )
         if "skip" in run.result:
             pytest.skip(run.result["skip"])
@@ -119,21 +119,21 @@ class Probes:
 
 
 @pytest.fixture(scope="module")
-def probes(request: pytest.FixtureRequest):
-    # Start the probes of every selected case of this module now, not one by one as the tests reach them.
+def scenarios(request: pytest.FixtureRequest):
+    # Start the scenarios of every selected case of this module now, not one by one as the tests reach them.
     names = [
-        item.function.probe_name
+        item.function.scenario_name
         for item in request.session.items
-        if item.module is request.module and hasattr(getattr(item, "function", None), "probe_name")
+        if item.module is request.module and hasattr(getattr(item, "function", None), "scenario_name")
     ]
-    runner = Probes(names)
+    runner = Scenarios(names)
     yield runner
     runner.close()
 
 
 @pytest.fixture
-def probe(request: pytest.FixtureRequest, probes: Probes) -> dict:
-    return probes(request.function.probe_name)
+def scenario(request: pytest.FixtureRequest, scenarios: Scenarios) -> dict:
+    return scenarios(request.function.scenario_name)
 
 
 def failed(outcome: dict, error: str, text: str = "") -> None:
@@ -151,8 +151,8 @@ def worked(outcome: dict):
 
 
 @covers("cuda_stubs")
-def test_cuda_stubs(probe):
-    before, after = probe["before"], probe["after"]
+def test_cuda_stubs(scenario):
+    before, after = scenario["before"], scenario["after"]
     for call in ("current_device", "synchronize", "seeded_draws", "model_parallel_seed"):
         failed(before[call], "AssertionError", "Torch not compiled with CUDA enabled")
     failed(before["streams"], "RuntimeError", "requires CUDA")
@@ -162,7 +162,7 @@ def test_cuda_stubs(probe):
     assert worked(after["streams"]) is True
     # The "CUDA" generator is the CPU one: seeding it gives the CPU stream, and its state replays.
     draws = worked(after["seeded_draws"])
-    assert draws["via_cuda"] == draws["replayed"] == probe["cpu_draws"]
+    assert draws["via_cuda"] == draws["replayed"] == scenario["cpu_draws"]
     # ramp's init_parallel: megatron seeds its data-, tensor- and expert-parallel RNG streams.
     assert worked(after["model_parallel_seed"]) == [
         "data-parallel-rng",
@@ -172,8 +172,8 @@ def test_cuda_stubs(probe):
 
 
 @covers("device_mode")
-def test_device_mode(probe):
-    before, after = probe["before"], probe["after"]
+def test_device_mode(scenario):
+    before, after = scenario["before"], scenario["after"]
     for call in ("zeros_cuda", "zeros_device_obj", "to_cuda", "grad_norm"):
         failed(before[call], "AssertionError", "Torch not compiled with CUDA enabled")
     failed(before["zeros_int_device"], "RuntimeError")
@@ -185,17 +185,17 @@ def test_device_mode(probe):
 
 
 @covers("rng")
-def test_rng(probe):
+def test_rng(scenario):
     # Without the patch nothing raises: megatron's _set_cuda_rng_state hands the new state to
     # torch.cuda._lazy_call, which queues it until CUDA initialises (never, on CPU). Forks then neither
     # switch to the tracker's stream nor restore the default one.
-    before = worked(probe["before"])
+    before = worked(scenario["before"])
     assert before["queued_cuda_calls"] > 0
     assert not before["outer_stream_intact"]
     assert not before["forked_stream_is_seed_stream"]
     assert before["warnings"] > 0
 
-    after = worked(probe["after"])
+    after = worked(scenario["after"])
     assert after == {
         "outer_stream_intact": True,
         "forked_stream_is_seed_stream": True,
@@ -206,17 +206,17 @@ def test_rng(probe):
 
 
 @covers("te_general_gemm")
-def test_te_general_gemm(probe):
-    assert probe["targets"] and probe["needed"]
-    failed(probe["before"], "NameError", "te_general_gemm")
-    errors = worked(probe["after"])
+def test_te_general_gemm(scenario):
+    assert scenario["targets"] and scenario["needed"]
+    failed(scenario["before"], "NameError", "te_general_gemm")
+    errors = worked(scenario["after"])
     assert errors == {"out_err": 0.0, "grad_inp_err": 0.0, "grad_weight_err": 0.0}  # the plain matmul
-    assert not probe["needed_after"]
+    assert not scenario["needed_after"]
 
 
 @covers("tensor_type")
-def test_tensor_type(probe):
-    before, after = probe["before"], probe["after"]
+def test_tensor_type(scenario):
+    before, after = scenario["before"], scenario["after"]
     failed(before["clip"], "AssertionError")
     assert worked(before["conversions"])["no_arg"] == "torch.FloatTensor"
 
@@ -231,8 +231,8 @@ def test_tensor_type(probe):
 
 
 @covers("torch_norm_sp")
-def test_torch_norm_sp(probe):
-    before, after = probe["before"], probe["after"]
+def test_torch_norm_sp(scenario):
+    before, after = scenario["before"], scenario["after"]
     for case in ("RMSNorm/sp=True", "LayerNorm/sp=True"):
         failed(before[case], "AssertionError", "sequence parallel not supported")
     worked(before["RMSNorm/sp=False"])
@@ -249,10 +249,10 @@ def test_torch_norm_sp(probe):
 
 
 @covers("moe_split_sizes", pytest.mark.dist)
-def test_moe_split_sizes(probe):
+def test_moe_split_sizes(scenario):
     # Megatron's alltoall dispatcher with EP=2 on two gloo ranks holding 5 and 6 tokens (top-2 of 4).
     tokens = 0
-    for rank in probe["ranks"]:
+    for rank in scenario["ranks"]:
         assert "crashed" not in rank, rank
         failed(rank["before"], "TypeError", "all_to_all_single(): incompatible function arguments")
         after = worked(rank["after"])
@@ -263,10 +263,10 @@ def test_moe_split_sizes(probe):
 
 
 @covers("distopt_checkpoint")
-def test_distopt_checkpoint(probe):
-    assert probe["targets"] and probe["needed"]
-    assert "metadata.json" in probe["checkpoint"]
-    before, after = probe["before"], probe["after"]
+def test_distopt_checkpoint(scenario):
+    assert scenario["targets"] and scenario["needed"]
+    assert "metadata.json" in scenario["checkpoint"]
+    before, after = scenario["before"], scenario["after"]
     # state_dict of a fresh optimizer over torch Adam: "assert len(steps) == 1" on empty state.
     failed(before["sharded_state_dict_for_load"], "AssertionError")
     # Past that, the fully_reshardable load copies torch Adam's per-parameter 'step', absent in the file.
@@ -286,8 +286,8 @@ def test_distopt_checkpoint(probe):
 
 
 @covers("async_save_queue")
-def test_async_save_queue(probe):
-    before, after = probe["before"], probe["after"]
+def test_async_save_queue(scenario):
+    before, after = scenario["before"], scenario["after"]
     # The spawn Manager re-imported the unguarded script (a second marker line) and the save's queue
     # was never made: the child dies in its bootstrap, the parent sees EOFError (or, in a real training
     # script, deadlocks).
@@ -310,9 +310,9 @@ def test_every_patch_module_has_a_case():
     assert set(COVERED) == modules, f"patches without a test here: {sorted(modules - set(COVERED))}"
 
 
-@uses_probe("apply_all")
-def test_apply_all_without_cpu_applies_only_the_patches_for_every_device(probe):
-    result = probe
+@uses_scenario("apply_all")
+def test_apply_all_without_cpu_applies_only_the_patches_for_every_device(scenario):
+    result = scenario
     if result["cuda_available"]:
         pytest.skip("needs a machine without CUDA")
     registry = result["registry"]

@@ -1,11 +1,11 @@
 """Run the megatron-core/torch scenario one patch exists for, without it and then with it, in this process.
 
-    python tests/patch_probe.py PATCH_NAME     # or: apply_all
+    python tests/patch_scenarios.py PATCH_NAME     # or: apply_all
 
 Every other patch is applied first, as in a real CPU run; the scenario then runs without the named patch
 (its failure is caught and recorded), the patch is applied, and the scenario runs again. The last line of
-stdout is ``PATCH_PROBE {json}``, which tests/unit/test_patches.py asserts on. The patches change torch
-and megatron-core for the whole process, so every probe needs a fresh interpreter.
+stdout is ``PATCH_SCENARIO {json}``, which tests/unit/test_patches.py asserts on. The patches change torch
+and megatron-core for the whole process, so every scenario needs a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 import patches  # noqa: E402  (needs the repository on sys.path)
 
-MARK = "PATCH_PROBE "
+MARK = "PATCH_SCENARIO "
 SCENARIOS: dict[str, Callable[[str], dict]] = {}
 # Megatron's "Transformer Engine / Apex not installed" fallbacks warn on import; the JSON line is the output.
 warnings.filterwarnings("ignore")
@@ -83,7 +83,7 @@ def run_two_ranks(body: Callable[[int], dict], timeout: float = 120.0) -> list[d
 
     ctx = mp.get_context("fork")
     results = ctx.Queue()
-    store_dir = tempfile.mkdtemp(prefix="patch_probe_store_")
+    store_dir = tempfile.mkdtemp(prefix="patch_scenarios_store_")
     store = os.path.join(store_dir, "store")
     procs = [ctx.Process(target=_rank_main, args=(rank, store, body, results)) for rank in range(2)]
     for p in procs:
@@ -501,7 +501,7 @@ def distopt_checkpoint(name: str) -> dict:
         return max((x - y).abs().max().item() for x, y in zip(a[0].parameters(), b[0].parameters()))
 
     info = target_info(name)
-    ckpt = tempfile.mkdtemp(prefix="patch_probe_ckpt_")
+    ckpt = tempfile.mkdtemp(prefix="patch_scenarios_ckpt_")
     atexit.register(shutil.rmtree, ckpt, True)
     # The run to resume: 2 steps, then a torch_dist checkpoint (saving works without the patch).
     c1, o1 = build()
@@ -552,7 +552,7 @@ def distopt_checkpoint(name: str) -> dict:
 UNGUARDED = """\
 import os
 # An unguarded training script: everything below also runs when multiprocessing re-imports __main__.
-with open(os.environ["PATCH_PROBE_MARKER"], "a") as f:
+with open(os.environ["PATCH_SCENARIO_MARKER"], "a") as f:
     f.write(f"{os.getpid()}\\n")
 import warnings
 warnings.filterwarnings("ignore")
@@ -560,7 +560,7 @@ import patches.async_save_queue
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 print("NEEDED", patches.async_save_queue.PATCH.needed(), flush=True)
 for p in patches.all_patches():
-    if p.name != "async_save_queue" or os.environ["PATCH_PROBE_WITH"] == "1":
+    if p.name != "async_save_queue" or os.environ["PATCH_SCENARIO_WITH"] == "1":
         p.apply()
 queue = filesystem_async._get_write_results_queue()
 print("QUEUE", type(queue).__name__, flush=True)
@@ -571,7 +571,7 @@ print("QUEUE", type(queue).__name__, flush=True)
 def async_save_queue(name: str) -> dict:
     import signal
 
-    work = Path(tempfile.mkdtemp(prefix="patch_probe_async_"))
+    work = Path(tempfile.mkdtemp(prefix="patch_scenarios_async_"))
     script = work / "train.py"
     script.write_text(UNGUARDED)
 
@@ -579,8 +579,8 @@ def async_save_queue(name: str) -> dict:
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "PATCH_PROBE_MARKER": str(work / f"marker_{int(with_patch)}"),
-            "PATCH_PROBE_WITH": "1" if with_patch else "0",
+            "PATCH_SCENARIO_MARKER": str(work / f"marker_{int(with_patch)}"),
+            "PATCH_SCENARIO_WITH": "1" if with_patch else "0",
         }
         return subprocess.Popen(
             [sys.executable, str(script)],
@@ -646,7 +646,7 @@ SELF_CONTAINED = {"async_save_queue", "apply_all"}
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in SCENARIOS:
-        print(f"usage: patch_probe.py {{{','.join(SCENARIOS)}}}", file=sys.stderr)
+        print(f"usage: patch_scenarios.py {{{','.join(SCENARIOS)}}}", file=sys.stderr)
         return 2
     name = argv[0]
     if name not in SELF_CONTAINED:

@@ -1,0 +1,290 @@
+"""The CBS over training by checkpoint-forking probes, and a probe-driven batch schedule against the small
+control under WSD (issue 15).
+
+1. **Curve**: per seed, the small-batch control (moe-tiny, 8 sequences, WSD, LR 2e-3) checkpoints at the
+   fork points; ``ramp-probe``'s library (launcher/probes.py) forks k = 1..16 from each (LR x sqrt(k),
+   LR held, read-off on the fixed validation set, branch length from the noise floor), stopping at the first
+   failure. The CBS curve is fitted per seed (laws/cbs.py). Shape check: the first fork at the low edge (CBS
+   near 0), a rise, and the fitted plateau reached inside the run; seeds agree within 2x at every fork.
+2. **Probe-driven run**: kind=cbs with the seed's read-offs, each held from its fork until the next (a step
+   table: only what had been measured by then), growth to ``CBS_FRACTION`` of the CBS and capped at
+   ``MAX_BATCH`` (calibration.md: under WSD, growing to the full CBS early lost 1.06% to the small control),
+   against the small control at equal tokens. NOTE: the decisions are those online mode would take at
+   the same probe points, applied in a second run; the in-job online callback is not built yet.
+3. **Cost**: probe tokens / main-run tokens here, and projected for moe-1b-a0.2b by the same rules (forks,
+   branches until the first failure, branch length from the noise floor with a floor of ``min_steps`` steps
+   of the largest branch).
+
+    python benchmarks/cbs_curve.py [--seeds 0 1] [--online-seeds 0 1 2]
+    python benchmarks/cbs_curve.py --tiny --out /tmp/cbs_tiny      # a minutes-long check of the pipeline
+
+Writes ``benchmarks/results/cbs_curve.json`` (``tokens``, ``cbs``: lists per seed; ``probe_cost_frac``;
+``online``: ``{"steps": {"probed", "small"}, "final_loss": {"probed", "small"}}`` lists over seeds; the 1B
+projection) and ``cbs_curve.png``; ``--tiny`` writes under ``--out`` only. Runs are cached by code version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ramp_run import TINY, run_ramp  # noqa: E402
+
+from benchmarks.cache import code_version, run_key  # noqa: E402
+from launcher import recipe as recipe_mod  # noqa: E402
+from launcher.laws import cbs as cbs_law  # noqa: E402
+from launcher.probes import ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml", "benchmarks/cbs_curve.py")
+FORK_FRACS = (0.02, 0.08, 0.20, 0.40, 0.55, 0.70)  # >= 6 points, dense early (the CBS rises fast)
+CBS_FRACTION, MAX_BATCH = 0.5, 32
+
+
+def sizes(tiny: bool) -> dict:
+    if tiny:  # the test model: 16 x 64-token sequences per step, 24 steps, two forks, k = 1, 2
+        return {
+            "base": [*TINY, "training.eval_samples=16"],
+            "seq": 64,
+            "batch": 16,
+            "steps": 24,
+            "forks": (0.25, 0.5),
+            "ks": [1, 2],
+            "wsd": ["schedule.style=wsd", "schedule.warmup_tokens=1024", "schedule.decay.start_frac=0.8"],
+            "probe": {"budget_tokens": 4096, "evals": 2},
+            "nproc": 1,
+        }
+    return {
+        "base": [
+            "training.micro_batch_size=8",
+            "training.eval_samples=384",
+            "training.eval_interval=100",
+            "training.log_interval=10",
+            "logging.tensorboard=false",
+            "logging.wandb.enabled=false",
+            "logging.plots=false",
+        ],
+        "seq": 256,
+        "batch": 8,
+        "steps": 1200,  # 2.46 M tokens, calibration.md's run
+        "forks": FORK_FRACS,
+        "ks": list(cbs_law.DEFAULT_MULTIPLIERS),
+        "wsd": ["schedule.style=wsd", "schedule.warmup_frac=0.02", "schedule.decay.start_frac=0.8"],
+        "probe": {},
+        "nproc": 1,
+    }
+
+
+def main_sets(sz: dict, seed: int, fork_steps: list[int]) -> list[str]:
+    interval = math.gcd(*fork_steps)
+    return [
+        *sz["base"],
+        *sz["wsd"],
+        f"training.global_batch_size={sz['batch']}",
+        "training.train_tokens=null",
+        f"training.train_steps={sz['steps']}",
+        f"training.seed={seed}",
+        "optimizer.lr=2e-3",
+        f"checkpoint.interval={interval}",
+        f"checkpoint.keep_last={sz['steps'] // interval + 1}",
+        "checkpoint.checksums=false",
+    ]
+
+
+def cached(cache: Path, name: str, sets: list[str], version: str, fn) -> dict:
+    path = cache / f"{name}-{run_key(sets, version)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out = fn()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def curve(sz: dict, seed: int, work: Path, cache: Path, version: str) -> dict:
+    """The main (small control) run with checkpoints at the forks, and the probes from each."""
+    fork_steps = [max(1, round(f * sz["steps"])) for f in sz["forks"]]
+    sets = main_sets(sz, seed, fork_steps)
+
+    def go() -> dict:
+        run_dir = work / f"main-s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        main = run_ramp(run_dir, sets, nproc=sz["nproc"], base=[], timeout=6 * 3600).check()
+        out = work / f"probes-s{seed}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = ProbeConfig(multipliers=sz["ks"], nproc=sz["nproc"], **sz["probe"])
+        recs = [
+            run_fork(run_dir, run_dir / "checkpoints" / f"step_{s:07d}", out, cfg, cwd=ROOT)
+            for s in fork_steps
+        ]
+        fit = fit_and_plot(out, recs)
+        main_tokens = main.train[-1]["tokens"]
+        return {
+            "seed": seed,
+            "main_tokens": main_tokens,
+            "small_steps": main.train[-1]["step"],
+            "small_final_loss": main.evals[-1]["val_loss"],
+            "forks": recs,
+            "fit": fit,
+            "probe_tokens": sum(r["branch_tokens"] for r in recs),
+        }
+
+    return cached(cache, f"curve-s{seed}", [*sets, json.dumps(sz["probe"]), str(sz["ks"])], version, go)
+
+
+def probed_run(sz: dict, seed: int, forks: list[dict], work: Path, cache: Path, version: str) -> dict:
+    """WSD run whose batch follows the seed's read-offs as they became available (a step table)."""
+    rows = []
+    for i, f in enumerate(forks):
+        if f.get("cbs") is None:
+            continue
+        rows.append([f["tokens"], f["cbs"]])
+        nxt = forks[i + 1]["tokens"] - 1 if i + 1 < len(forks) else None
+        if nxt is not None and nxt > f["tokens"]:
+            rows.append([nxt, f["cbs"]])
+    b0 = sz["batch"]
+    rows = [[0, min(rows[0][1], 2 * b0 / CBS_FRACTION)] if rows else [0, b0], *rows]
+    cap = b0 * 2 ** max(0, round(math.log2(max(MAX_BATCH, b0) / b0)))
+    sets = [
+        *main_sets(sz, seed, [sz["steps"]]),
+        "batch_schedule.kind=cbs",
+        f"batch_schedule.cbs_table={json.dumps(rows)}",
+        f"batch_schedule.cbs_fraction={CBS_FRACTION}",
+        f"batch_schedule.max_batch={cap}",
+        "checkpoint.save_at_exit=false",
+    ]
+
+    def go() -> dict:
+        run = run_ramp(work / f"probed-s{seed}", sets, nproc=sz["nproc"], base=[], timeout=6 * 3600).check()
+        return {"steps": run.train[-1]["step"], "final_loss": run.evals[-1]["val_loss"], "cbs_table": rows}
+
+    return cached(cache, f"probed-s{seed}", sets, version, go)
+
+
+def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float) -> dict:
+    """Probe cost of moe-1b-a0.2b at its budget by the same rules: the noise-floor branch length (or the
+    min-steps floor of the largest branch, whichever is longer) x branches x forks / run tokens."""
+    r = recipe_mod.load("moe-1b-a0.2b")
+    seq, batch = r.model.seq_length, r.training.global_batch_size
+    tokens = int(r.training.train_tokens)
+    per_step = int(max(cfg.multipliers) * batch) * seq
+    budget = cbs_law.branch_tokens(
+        cfg.noise_sd, cfg.noise_tokens, cfg.epsilon, min_tokens=cfg.min_steps * per_step
+    )
+    budget = -(-budget // per_step) * per_step
+    return {
+        "recipe": "moe-1b-a0.2b",
+        "train_tokens": tokens,
+        "branch_tokens": budget,
+        "forks": forks,
+        "branches_per_fork": branches_per_fork,
+        "probe_cost_frac": forks * branches_per_fork * budget / tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--online-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tiny", action="store_true", help="the test model, minutes: checks the pipeline only")
+    ap.add_argument("--out", type=Path, default=None, help="results directory (--tiny: required)")
+    args = ap.parse_args(argv)
+    if args.tiny and args.out is None:
+        ap.error("--tiny writes nowhere near benchmarks/results: give --out DIR")
+    out = args.out or RESULTS
+    sz = sizes(args.tiny)
+    version = code_version(CODE_PATHS)
+    cache = out / ("cbs_curve_runs_tiny" if args.tiny else "cbs_curve_runs")
+    work = Path(tempfile.mkdtemp(prefix="cbs_curve_"))
+    seeds = sorted(set(args.seeds) | set(args.online_seeds))
+    curves = {s: curve(sz, s, work, cache, version) for s in seeds}
+    online = {s: probed_run(sz, s, curves[s]["forks"], work, cache, version) for s in args.online_seeds}
+    first = [curves[s]["forks"][0] for s in args.seeds]
+    fits = [curves[s]["fit"] for s in args.seeds]
+    agree = []
+    for i in range(len(sz["forks"])):
+        vals = [curves[s]["forks"][i]["cbs"] for s in args.seeds if curves[s]["forks"][i]["cbs"]]
+        agree.append(bool(vals) and max(vals) <= 2 * min(vals))
+    probe_cost = statistics.mean(curves[s]["probe_tokens"] / curves[s]["main_tokens"] for s in seeds)
+    branches = statistics.mean(len(f["branches"]) for s in seeds for f in curves[s]["forks"])
+    cfg = ProbeConfig(multipliers=sz["ks"], **sz["probe"])
+    small = {s: (curves[s]["small_steps"], curves[s]["small_final_loss"]) for s in args.online_seeds}
+    steps_saved = [1 - online[s]["steps"] / small[s][0] for s in args.online_seeds]
+    result = {
+        "code_version": version,
+        "tiny": args.tiny,
+        "seeds": args.seeds,
+        "tokens": {str(s): [f["tokens"] for f in curves[s]["forks"]] for s in args.seeds},
+        "cbs": {str(s): [f["cbs"] for f in curves[s]["forks"]] for s in args.seeds},
+        "cbs_upper": {str(s): [f["cbs_upper"] for f in curves[s]["forks"]] for s in args.seeds},
+        "confidence": {str(s): [f["note"] for f in curves[s]["forks"]] for s in args.seeds},
+        "fit": {str(s): curves[s]["fit"] for s in args.seeds},
+        "branch_tokens": budget_tokens(cfg, read_fork_stub(sz)),
+        "probe_cost_frac": probe_cost,
+        "online": {
+            "steps": {
+                "probed": [online[s]["steps"] for s in args.online_seeds],
+                "small": [small[s][0] for s in args.online_seeds],
+            },
+            "final_loss": {
+                "probed": [online[s]["final_loss"] for s in args.online_seeds],
+                "small": [small[s][1] for s in args.online_seeds],
+            },
+            "mode": "emulated: read-offs applied as they became available, in a second run (no callback yet)",
+            "cbs_fraction": CBS_FRACTION,
+            "max_batch": MAX_BATCH,
+        },
+        "projection_1b": projection_1b(cfg, len(sz["forks"]), branches),
+        "shape": {
+            "near_zero_at_start": all(f["edge"] == "low" for f in first),
+            "plateau_inside_run": all(
+                f is not None and f["params"]["tau"] < curves[s]["main_tokens"] / 2
+                for s, f in zip(args.seeds, fits)
+            ),
+            "seeds_within_2x": agree,
+        },
+    }
+    result["goals"] = {
+        "steps_saved >= 55% on every seed": all(x >= 0.55 for x in steps_saved),
+        "final loss <= small on every seed": all(
+            online[s]["final_loss"] <= small[s][1] for s in args.online_seeds
+        ),
+        "probe_cost_frac <= 0.25": probe_cost <= 0.25,
+        "projected 1B probe cost <= 0.02": result["projection_1b"]["probe_cost_frac"] <= 0.02,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cbs_curve.json").write_text(json.dumps(result, indent=1))
+    print(f"{'seed':>4} {'tokens at fork':>40}  CBS (sequences)")
+    for s in args.seeds:
+        print(f"{s:>4} {result['tokens'][str(s)]!s:>40}  {result['cbs'][str(s)]}")
+    proj = result["projection_1b"]["probe_cost_frac"]
+    print(f"probe cost {probe_cost:.3f} of the main run; 1B projection {proj:.4f}")
+    for s in args.online_seeds:
+        print(
+            f"seed {s}: probed {online[s]['steps']} steps {online[s]['final_loss']:.4f} | "
+            f"small {small[s][0]} steps {small[s][1]:.4f}"
+        )
+    print(json.dumps(result["shape"]), json.dumps(result["goals"]))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def read_fork_stub(sz: dict):
+    """A fork of the benchmark's main run, for the branch length it implies (no checkpoint read)."""
+    from launcher.probes import Fork
+
+    return Fork(Path("-"), 0, 0, sz["batch"], 2e-3, 1.0, sz["seq"], [(0, sz["batch"])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

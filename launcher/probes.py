@@ -1,0 +1,360 @@
+"""CBS probes: fork branches from a run's checkpoints at batch multipliers and read off the critical batch
+size (arXiv 2505.23971; the math is ``laws/cbs.py``). ``ramp-probe`` (tools/cbs_probe.py) is the command.
+
+A fork at checkpoint ``t`` (tokens consumed ``t``, batch ``B`` of the phase the run is in, LR ``eta`` that
+its last step used: peak x batch-rule factor x schedule factor) starts one branch per multiplier ``k``:
+
+- batch ``k B`` (``training.global_batch_size``, a constant batch schedule), peak LR ``eta x f(k)`` with
+  ``f`` from ``lr_rule`` (sqrt: Adam's rule, linear, none);
+- the same token budget for every ``k`` (rounded up to whole steps of the largest branch), from the
+  checkpoint's data position, so every branch trains on exactly the same sequences; optimizer state
+  carried over (``checkpoint.load_optimizer``);
+- the LR over the branch (``lr_schedule``): ``hold`` (default) keeps the fork's LR constant, the paper's
+  setting (its branches continue a long stable phase) and the one that measures the batch alone; ``decay``
+  anneals it over the branch, linearly in the parent's decay shape, to the LR the parent ends at, so a
+  WSD run can ask which batch is safe *under the decay it will see* (calibration.md, last section: the
+  CBS at constant LR grows the batch too early for a WSD run);
+- run by the real entry point in a child process, in its own run directory under the probe output with
+  ``checkpoint.branch=true`` (never beside the parent's checkpoints; the parent's files are only read),
+  no checkpoints of its own, and evaluations on the parent's fixed validation set spread over the branch
+  (the last one at its end: the read-off loss; the others give the noise estimate).
+
+Multipliers run in increasing order and a fork stops at the first ``k`` that fails the epsilon test or
+does not finish; a branch that did not finish is recorded with its error, never dropped. ``probes.jsonl``
+gets one line per fork, and ``cbs_vs_tokens.png`` the CBS intervals with the fitted curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from launcher.errors import check_choices, require
+from launcher.launch.local import Run, run_pretrain
+from launcher.laws import cbs as cbs_law
+from launcher.laws.batch_size import KIND_FIELDS, LrRule, lr_multiplier
+from launcher.laws.schedule import resolve_schedule
+
+BranchSchedule = Literal["hold", "decay"]
+BRANCH_SCHEDULES: tuple[str, ...] = get_args(BranchSchedule)
+PROBES_FILE = "probes.jsonl"
+PLOT_FILE = "cbs_vs_tokens.png"
+FIT_FILE = "cbs_fit.json"
+
+
+@dataclass
+class ProbeConfig:
+    """How the branches of a fork are run and read (``ramp-probe --help`` names each one)."""
+
+    multipliers: list[float] = field(default_factory=lambda: list(cbs_law.DEFAULT_MULTIPLIERS))
+    lr_rule: LrRule = "sqrt"
+    lr_schedule: BranchSchedule = "hold"
+    budget_tokens: int | None = None  # None: from the noise floor (cbs_law.branch_tokens)
+    noise_sd: float = 0.0025  # read-off noise (in epsilon's units) measured at noise_tokens (calibration.md)
+    noise_tokens: int = 262_144
+    min_steps: int = 4  # the largest branch trains at least this many steps (Adam's moments re-adapt)
+    rule: cbs_law.ReadoffRule = "val"
+    epsilon: float = cbs_law.DEFAULT_EPSILON
+    epsilon_mode: cbs_law.EpsilonMode = "relative"
+    evals: int = 6  # validation passes per branch (the last at its end)
+    stop_at_failure: bool = True
+    nproc: int = 1
+    timeout_s: float | None = None
+    extra_sets: list[str] = field(default_factory=list)  # applied to every branch last
+
+    def __post_init__(self) -> None:
+        check_choices(self, "probe")
+        ks = list(self.multipliers)
+        require(len(ks) >= 2, f"probe multipliers {ks}: give at least two (e.g. 1,2,4,8,16)")
+        require(all(k > 0 for k in ks), f"probe multipliers {ks}: must be > 0")
+        require(ks == sorted(set(ks)), f"probe multipliers {ks}: must increase")
+        require(self.epsilon > 0, f"probe epsilon={self.epsilon}: must be > 0")
+        require(self.evals >= 1, f"probe evals={self.evals}: must be >= 1")
+        require(self.min_steps >= 1, f"probe min_steps={self.min_steps}: must be >= 1")
+        if self.budget_tokens is not None:
+            require(self.budget_tokens > 0, f"probe budget_tokens={self.budget_tokens}: must be > 0")
+
+
+@dataclass
+class Fork:
+    """Where a fork starts: the checkpoint and the parent's state there."""
+
+    checkpoint: Path
+    step: int
+    tokens: int
+    batch: int  # sequences per step in the parent at the fork
+    lr: float  # peak LR of the parent's LR schedule x its batch-rule factor x the schedule factor
+    lr_factor: float  # the schedule factor alone (for the decay's end ratio)
+    seq_length: int
+    phases: list[tuple[int, int]]  # the parent's (start tokens, batch) phases before the fork
+
+
+def read_fork(run_dir: Path, checkpoint: Path) -> tuple[Any, Fork]:
+    """The parent's recipe (its ``config.yaml``) and its state at ``checkpoint``."""
+    from launcher import checkpoint as ckpt
+    from launcher import recipe
+
+    config = Path(run_dir) / "config.yaml"
+    require(config.exists(), f"ramp-probe: {config} does not exist; give the run directory of a ramp run")
+    r = recipe.load(config)
+    ts = ckpt.read_trainer_state(checkpoint)
+    state, sizes = ts["state"], ts.get("layout", {})
+    world = sizes.get("tp", 1) * sizes.get("pp", 1) * sizes.get("dp", 1)
+    d = r.derive(world, False)  # the parent's plan: its token schedule and its batch phases
+    schedule = resolve_schedule(r.schedule, d.train_tokens, d.tokens_per_step, d.warmup_tokens)
+    tokens = int(state["consumed_tokens"])
+    factor = schedule.factor(tokens)  # the LR of the parent's last step (a step's LR: factor after it)
+    lr = r.optimizer.lr * float(state.get("lr_scale", 1.0)) * factor
+    phases = [(p.start_tokens, p.batch) for p in d.batch_schedule.phases if p.start_tokens < tokens]
+    fork = Fork(
+        Path(checkpoint),
+        int(state["step"]),
+        tokens,
+        int(state["global_batch_size"]),
+        lr,
+        factor,
+        r.model.seq_length,
+        phases,
+    )
+    return r, fork
+
+
+def budget_tokens(cfg: ProbeConfig, fork: Fork) -> int:
+    """The branch length, rounded up to whole steps of the largest branch (all see the same sequences)."""
+    per_step = int(max(cfg.multipliers) * fork.batch) * fork.seq_length
+    if cfg.budget_tokens is not None:
+        want = cfg.budget_tokens
+    else:
+        want = cbs_law.branch_tokens(
+            cfg.noise_sd, cfg.noise_tokens, cfg.epsilon, min_tokens=cfg.min_steps * per_step
+        )
+    return -(-want // per_step) * per_step
+
+
+def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> list[str]:
+    """The ``--set`` overrides of branch ``k`` on top of the parent's config.yaml."""
+    batch = k * fork.batch
+    require(float(batch).is_integer(), f"probe multiplier {k:g} x batch {fork.batch} is not a whole batch")
+    require(k >= 1, f"probe multiplier {k:g}: below 1 is not supported yet; fork from a smaller-batch run")
+    lr = fork.lr * lr_multiplier(cfg.lr_rule, k)
+    steps = budget // (int(batch) * fork.seq_length)
+    points = [[t, b] for t, b in fork.phases] + [[fork.tokens, int(batch)]]
+    sets = [
+        f"training.global_batch_size={points[0][1]}",
+        "training.train_steps=null",
+        f"training.train_tokens={fork.tokens + budget}",
+        f"training.eval_interval={max(1, steps // cfg.evals)}",
+        f"optimizer.lr={lr!r}",
+        # The parent's phases up to the fork, then k B: planned from token 0 like any run, this reproduces
+        # the parent's consumed tokens at the fork exactly, so the branch ends at fork + budget.
+        "batch_schedule.kind=steps",
+        f"batch_schedule.steps={points}",
+        "batch_schedule.lr_rule=none",  # the branch's LR is set whole in optimizer.lr
+        "batch_schedule.layouts=fixed",
+        *(
+            f"batch_schedule.{name}=null"
+            for name in sorted({f for fs in KIND_FIELDS.values() for f in fs} - {"steps"})
+        ),
+        "batch_schedule.cbs_fraction=1.0",
+        "schedule.warmup_frac=null",
+        "schedule.warmup_steps=null",
+        "schedule.warmup_tokens=0",
+        f"checkpoint.load={fork.checkpoint}",
+        "checkpoint.branch=true",
+        "checkpoint.load_optimizer=true",
+        "checkpoint.dir=null",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_exit=false",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+        "logging.wandb.enabled=false",
+    ]
+    if cfg.lr_schedule == "hold":
+        sets.append("schedule.style=constant")
+    else:
+        end_ratio = min(1.0, parent.schedule.min_lr_ratio / max(fork.lr_factor, 1e-12))
+        shape = parent.schedule.decay.shape if parent.schedule.style == "wsd" else "linear"
+        sets += [
+            "schedule.style=wsd",
+            f"schedule.min_lr_ratio={end_ratio!r}",
+            f"schedule.decay.shape={'linear' if shape == 'points' else shape}",
+            "schedule.decay.points=null",
+            *(
+                f"schedule.decay.{n}=null"
+                for n in ("start_frac", "start_steps", "length_frac", "length_steps")
+            ),
+            f"schedule.decay.start_tokens={fork.tokens}",
+            f"schedule.decay.length_tokens={budget}",
+        ]
+    return [*sets, *cfg.extra_sets]
+
+
+@dataclass
+class BranchRecord:
+    k: float
+    batch: int
+    lr: float
+    run_dir: str
+    steps: int
+    loss: float | None
+    noise: float | None
+    error: str | None
+    passed: bool | None = None
+
+
+def run_fork(
+    run_dir: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    cfg: ProbeConfig,
+    runner: Callable[..., Run] = run_pretrain,
+    cwd: Path | None = None,
+) -> dict[str, Any]:
+    """Run the branches of one fork (increasing k, stopping at the first failure) and read off the CBS;
+    the probes.jsonl record (also appended to ``out_dir/probes.jsonl``)."""
+    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
+    require(
+        not out_dir.is_relative_to(run_dir),
+        f"ramp-probe: --out {out_dir} is inside the parent run {run_dir}; probes never write into it",
+    )
+    parent, fork = read_fork(run_dir, checkpoint)
+    require(
+        cfg.rule != "val" or parent.training.eval_samples > 0,
+        "ramp-probe: the val read-off needs the run's fixed validation set, but training.eval_samples=0; "
+        "pass --set training.eval_samples=N or use --rule ema",
+    )
+    budget = budget_tokens(cfg, fork)
+    config = run_dir / "config.yaml"
+    fork_dir = out_dir / f"fork_{fork.tokens:012d}"
+    results: list[cbs_law.BranchResult] = []
+    records: list[BranchRecord] = []
+    for k in cfg.multipliers:
+        bdir = fork_dir / f"k{k:g}"
+        require(
+            not (bdir / "metrics.jsonl").exists(),
+            f"ramp-probe: {bdir} already holds a branch; give a new --out (probes never overwrite)",
+        )
+        sets = branch_sets(parent, cfg, fork, k, budget)
+        run = runner(config, sets, bdir, nproc=cfg.nproc, timeout=cfg.timeout_s, cwd=cwd)
+        loss = noise = None
+        error = run.error
+        if error is None:
+            train = [(r["tokens"], r["loss"]) for r in run.train if r["tokens"] > fork.tokens]
+            evals = [(r["tokens"], r["val_loss"]) for r in run.evals if r["tokens"] > fork.tokens]
+            try:
+                loss, noise = cbs_law.branch_loss(cfg.rule, train, evals)
+            except Exception as e:  # a branch without the losses the rule reads is a failed branch
+                error = f"no read-off loss: {e}"
+            if loss is not None and not math.isfinite(loss):
+                loss, error = None, f"non-finite loss {loss}"
+        results.append(cbs_law.BranchResult(k, loss, noise, error))
+        records.append(
+            BranchRecord(
+                k,
+                int(k * fork.batch),
+                fork.lr * lr_multiplier(cfg.lr_rule, k),
+                str(bdir),
+                budget // (int(k * fork.batch) * fork.seq_length),
+                loss,
+                noise,
+                error,
+            )
+        )
+        if error is not None and len(results) == 1:
+            break  # no reference: nothing to compare with
+        if cfg.stop_at_failure and len(results) > 1:
+            partial = cbs_law.read_off(results, fork.batch, cfg.epsilon, cfg.epsilon_mode)
+            if partial.k_fail is not None:
+                break
+    rec: dict[str, Any] = {
+        "checkpoint": str(fork.checkpoint),
+        "step": fork.step,
+        "tokens": fork.tokens,
+        "base_batch": fork.batch,
+        "base_lr": fork.lr,
+        "budget_tokens": budget,
+        "lr_rule": cfg.lr_rule,
+        "lr_schedule": cfg.lr_schedule,
+        "rule": cfg.rule,
+        "epsilon": cfg.epsilon,
+        "epsilon_mode": cfg.epsilon_mode,
+        "multipliers": list(cfg.multipliers),
+        "branch_tokens": budget * len(records),  # the compute this fork cost, in trained tokens
+    }
+    if results[0].loss is None:
+        rec.update(
+            cbs=None,
+            cbs_upper=None,
+            k_star=None,
+            edge="error",
+            confidence="low",
+            note=f"reference branch k={results[0].k:g} did not finish ({results[0].error})",
+        )
+    else:
+        ro = cbs_law.read_off(results, fork.batch, cfg.epsilon, cfg.epsilon_mode)
+        for r in records:
+            r.passed = ro.passed.get(r.k)
+        rec.update(
+            cbs=ro.cbs,
+            cbs_upper=ro.cbs_upper,
+            k_star=ro.k_star,
+            edge=ro.edge,
+            confidence=ro.confidence,
+            note=ro.note,
+            noise=ro.noise,
+        )
+    rec["branches"] = [asdict(r) for r in records]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / PROBES_FILE, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def read_probes(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / PROBES_FILE
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def fit_and_plot(out_dir: Path, records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Fit the CBS curve over the forks with a CBS (``cbs_fit.json``) and draw ``cbs_vs_tokens.png``;
+    the fit is None (and the plot shows points only) with too few forks for a held-out choice."""
+    records = list(records if records is not None else read_probes(out_dir))
+    pts = [(r["tokens"], r["cbs"], r.get("cbs_upper"), r.get("edge")) for r in records if r.get("cbs")]
+    fit = None
+    try:
+        fit = cbs_law.fit_cbs_curve([p[0] for p in pts], [p[1] for p in pts]).to_dict()
+    except Exception as e:  # RampError: too few points; the plot still shows the read-offs
+        fit = {"error": str(e)}
+    (Path(out_dir) / FIT_FILE).write_text(json.dumps(fit, indent=1))
+    _plot(Path(out_dir) / PLOT_FILE, pts, fit)
+    return fit if "error" not in fit else None
+
+
+def _plot(path: Path, pts, fit: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for t, lo, hi, edge in pts:
+        top = hi if hi is not None else lo * 2
+        ax.plot([t, t], [lo, top], color="C0", lw=2, ls="-" if hi is not None else ":")
+        ax.plot([t], [lo], "o", color="C0" if edge == "none" else "C3")
+    if "form" in fit and pts:
+        curve = cbs_law.CurveFit(fit["form"], fit["params"], fit["rms_log"], fit["loo_rms_log"])
+        ts = np.linspace(max(1.0, min(p[0] for p in pts) * 0.5), max(p[0] for p in pts) * 1.5, 200)
+        ax.plot(ts, curve(ts), color="C1", label=f"fit: {fit['form']} {fit['params']}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("tokens at the fork")
+    ax.set_ylabel("CBS (sequences); bar: up to the first failing batch")
+    ax.set_yscale("log", base=2)
+    ax.set_title("critical batch size by branched training (red: at the edge of the tried range)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
