@@ -161,6 +161,11 @@ ck = run / "checkpoints"
 final = checkpoint.step_dir(ck, 2)
 
 
+def train(t):
+    t.emit("on_step_start")  # the LR of the step
+    t.train_step()
+
+
 def params(t):
     return {n: p.detach().clone() for n, p in t.chunks[0].named_parameters()}
 
@@ -178,12 +183,12 @@ def on_disk():
 out = {}
 with trainer_for(sets, run) as t:
     out["async"] = t.saves is not None
-    t.train_step()
-    t.train_step()
+    train(t)
+    train(t)
     saved = params(t)
     t.save_checkpoint()
     out["in_flight"] = on_disk()
-    t.train_step()  # training goes on while the writer process writes step 2
+    train(t)  # training goes on while the writer process writes step 2
     out["changed"] = any(not torch.equal(p, saved[n]) for n, p in params(t).items())
     t.finish_saves()
     out["done"] = on_disk()
