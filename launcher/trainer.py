@@ -3,6 +3,16 @@
 Everything that changes behaviour over the run (LR schedule, metrics, checkpoints, progress, plots) is a
 callback; the loop only runs steps. The data position is the number of samples consumed, so a resume or
 a change of the global batch never skips or repeats a sample.
+
+Host syncs. A step waits on the device once: megatron's gradient norm (``.item()``), which clipping needs
+and on which the bad-step guard decides before the optimizer steps. The losses (LM, MoE auxiliary) are
+reduced across ranks on the device before it and read by the host right after it, so reading them costs no
+further wait, and the guard and the loss-spike callback keep their per-step host values. The ranks' stop
+agreement (a SIGTERM on any rank) and the completion of an asynchronous checkpoint are collectives with a
+host read: they run only on the steps :meth:`Trainer.host_sync_due` names (every
+``training.sync_interval`` steps, log, eval, checkpoint and last steps), the same steps on every rank.
+Data: :class:`data.Prefetcher` reads the next step's micro-batches on a thread while a step trains;
+each rank reads only the fields of its pipeline stage.
 """
 
 from __future__ import annotations
