@@ -10,7 +10,9 @@ Layout on disk::
 A save writes ``step_N.tmp``, lists (and optionally hashes) its files into the manifest, and renames it
 only after every rank has finished, then replaces ``latest`` atomically; so a crash at any point leaves
 ``latest`` naming a loadable checkpoint. A re-save of a step that exists swaps the two directories in one
-``renameat2(RENAME_EXCHANGE)``, never deleting what ``latest`` names first. Retention keeps the
+``renameat2(RENAME_EXCHANGE)``, never deleting what ``latest`` names first. An asynchronous save
+(``checkpoint.async_save``, megatron's background writer) does all of this only after every rank's
+writer has finished, so ``latest`` never names a directory still being written. Retention keeps the
 ``keep_last`` most recently *saved* checkpoints (a rewound run's new step_5 outlives an old step_9) and
 never the one ``latest`` names; old ones are renamed ``*.deleting`` and removed off the training path.
 Model and optimizer state use the ``fully_reshardable`` format, so a checkpoint loads into any
@@ -29,6 +31,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +263,29 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
+class AsyncSaves:
+    """Saves in flight (megatron's ``AsyncCallsQueue``: a forked writer process per save). A save is
+    complete only when :meth:`finish` has run its finalisation on every rank: megatron's metadata, then
+    ramp's manifest, rename and ``latest``. Collective: every rank calls :meth:`finish` at the same
+    steps (``blocking=False`` completes only a save that every rank has finished writing)."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+
+    @property
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def schedule(self, request) -> None:
+        self.queue.schedule_async_request(request)
+
+    def finish(self, blocking: bool) -> None:
+        if self.pending:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+
 def save(
     root: Path,
     step: int,
@@ -268,8 +294,12 @@ def save(
     trainer_state: dict[str, Any],
     keep_last: int,
     checksums: bool = False,
+    saves: AsyncSaves | None = None,
+    on_saved: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. With ``saves`` the tensors
+    are written in the background and the directory exists (and ``latest`` names it) only once
+    ``saves.finish`` has completed the save; ``on_saved(final)`` runs then, on every rank."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -281,8 +311,28 @@ def save(
         tmp.mkdir()
     dist.barrier()
     sd = sharded_state_dict(chunks, optimizer, trainer_state, is_loading=False)
-    dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True)
-    dist.barrier()
+
+    def complete() -> None:
+        dist.barrier()  # every rank's files and rank 0's metadata are written
+        _publish(root, final, tmp, step, keep_last, checksums)
+        if on_saved is not None:
+            on_saved(final)
+
+    if saves is None:
+        dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True)
+        complete()
+    else:
+        request = dist_checkpointing.save(
+            sd, str(tmp), validate_access_integrity=True, async_sharded_save=True
+        )
+        request.add_finalize_fn(complete)
+        saves.schedule(request)
+    return final
+
+
+def _publish(root: Path, final: Path, tmp: Path, step: int, keep_last: int, checksums: bool) -> None:
+    """Collective, once ``tmp`` holds a complete checkpoint: manifest, rename to ``final``, ``latest``,
+    retention."""
     files = _file_entries(tmp, checksums)
     if dist.get_rank() == 0:
         manifest = {"step": step, "saved_at_ns": time.time_ns(), "files": files}
@@ -302,7 +352,6 @@ def save(
             if old != final:
                 _retire(old)
     dist.barrier()
-    return final
 
 
 def _retire(path: Path) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,13 +316,35 @@ def sampled_digest(path: Path, blocks: int = 16, block: int = 4096) -> bytes:
     return h.digest()
 
 
+# What each pipeline stage reads: the first embeds tokens at positions, the last scores labels under the
+# loss mask, a middle stage only receives activations (megatron's schedules hand it None).
+FIRST_STAGE_FIELDS = ("tokens", "position_ids")
+LAST_STAGE_FIELDS = ("labels", "loss_mask")
+
+
+def stage_fields(first: bool, last: bool) -> tuple[str, ...]:
+    """The sample fields a rank of a first and/or last pipeline stage reads (none for a middle stage)."""
+    return tuple(
+        k for k in SAMPLE_DTYPES if (first and k in FIRST_STAGE_FIELDS) or (last and k in LAST_STAGE_FIELDS)
+    )
+
+
 def microbatches(
-    dataset: Dataset, start_sample: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    dataset: Dataset,
+    start_sample: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    fields: tuple[str, ...] = tuple(SAMPLE_DTYPES),
+    pin_memory: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of the global batch [start_sample, start_sample + global_batch).
 
     Micro-batch j of rank r holds samples start + (j * dp_size + r) * micro_batch + [0, micro_batch):
-    the ranks' micro-batches tile the global batch exactly, and depend only on sample numbers.
+    the ranks' micro-batches tile the global batch exactly, and depend only on sample numbers. Only
+    ``fields`` are kept; with none (a middle pipeline stage) no sample is read and every micro-batch is
+    ``{}``. ``pin_memory`` (CUDA only) pages the tensors in, so a ``non_blocking`` copy overlaps.
     """
     per_step = micro_batch * dp_size
     if micro_batch <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size or start_sample < 0:
@@ -336,9 +359,83 @@ def microbatches(
         f"data: samples up to {end:,} were requested but the dataset holds {len(dataset):,}; "
         "build it for the whole run (train_samples) before training",
     )
-    out = []
+    out: list[dict[str, torch.Tensor]] = []
     for j in range(global_batch // per_step):
+        if not fields:
+            out.append({})
+            continue
         first = start_sample + (j * dp_size + dp_rank) * micro_batch
         samples = [dataset[first + k] for k in range(micro_batch)]
-        out.append({key: torch.stack([s[key] for s in samples]).to(dt) for key, dt in SAMPLE_DTYPES.items()})
+        batch = {key: torch.stack([s[key] for s in samples]).to(SAMPLE_DTYPES[key]) for key in fields}
+        out.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
     return out
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything that fixes a rank's micro-batches of one step: the data position, the global batch,
+    the micro-batch size, the rank's place in data parallelism and the fields its stage reads. A
+    prefetched batch is used only for an equal key (and the same dataset object)."""
+
+    start: int
+    global_batch: int
+    micro_batch: int
+    dp_rank: int
+    dp_size: int
+    fields: tuple[str, ...]
+
+
+class Prefetcher:
+    """Reads the next step's micro-batches on one background thread while this step trains.
+
+    The trainer guesses the next step's :class:`BatchKey` at the start of a step (the next data position
+    and the batch phase there); the step that comes asks with the key its callbacks actually fixed (a batch
+    schedule, a layout switch or a rewind may change it). A guess that matches is used; any other is
+    dropped and the batch is read on the spot, so what trains never depends on the guess. A thread, not
+    DataLoader workers: reading a step is a few memory-mapped slices, and the thread sees the same
+    dataset object without pickling it.
+    """
+
+    def __init__(self, pin_memory: bool = False) -> None:
+        self.pin_memory = pin_memory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramp-data")
+        self._pending: tuple[Dataset, BatchKey, Future] | None = None
+        self.hits = self.misses = self.dropped = 0
+
+    def _read(self, dataset: Dataset, key: BatchKey) -> list[dict[str, torch.Tensor]]:
+        return microbatches(
+            dataset,
+            key.start,
+            key.global_batch,
+            key.micro_batch,
+            key.dp_rank,
+            key.dp_size,
+            key.fields,
+            pin_memory=self.pin_memory,
+        )
+
+    def prefetch(self, dataset: Dataset, key: BatchKey) -> None:
+        """Start reading ``key``'s batches (replacing any earlier guess)."""
+        self._drop()
+        self._pending = (dataset, key, self._pool.submit(self._read, dataset, key))
+
+    def get(self, dataset: Dataset, key: BatchKey) -> list[dict[str, torch.Tensor]]:
+        """``key``'s micro-batches: the prefetched ones if they are exactly these, else read now."""
+        pending = self._pending
+        if pending is not None and pending[0] is dataset and pending[1] == key:
+            self._pending = None
+            self.hits += 1
+            return pending[2].result()  # a read error is raised here, as the direct read would
+        self._drop()
+        self.misses += 1
+        return self._read(dataset, key)
+
+    def _drop(self) -> None:
+        if self._pending is not None:
+            self._pending[2].cancel()  # a read under way finishes on the thread and is discarded
+            self._pending = None
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)

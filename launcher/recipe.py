@@ -260,6 +260,10 @@ class TrainingConfig:
     precision: Literal["auto", Precision] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Device = "auto"
     threads: int | None = None  # torch threads per process on CPU; None: cores / local processes
+    # Steps between the ranks' stop agreement (a SIGTERM stops the run at the next such step) and the
+    # completion of an asynchronous save; also on log, eval and checkpoint steps and the last step.
+    # Between them a step waits on the device only for megatron's gradient norm.
+    sync_interval: int = 10
 
     ONE_OF: ClassVar = (("train_tokens", "train_steps"),)
 
@@ -272,6 +276,7 @@ class TrainingConfig:
             train_steps=self.train_steps,
             log_interval=self.log_interval,
             threads=self.threads,
+            sync_interval=self.sync_interval,
         )
         require(
             (self.train_tokens is None) != (self.train_steps is None),
@@ -344,6 +349,9 @@ class CheckpointConfig:
     save_at_exit: bool = True
     load_optimizer: bool = True
     checksums: bool = True  # sha256 of every file in the manifest, verified on load
+    # Write checkpoints in a background process (megatron's async dist_checkpointing); the manifest and
+    # `latest` follow when the write is complete. None: on with CUDA, off on CPU.
+    async_save: bool | None = None
     # A branch (new decay, batch, seed, data) may change what fixes the data order and the schedule; it
     # writes into its own run directory and never into the checkpoint's.
     branch: bool = False
@@ -353,6 +361,10 @@ class CheckpointConfig:
         require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last}: must be >= 1")
         if self.load is not None:
             self.load = str(self.load)
+
+    def async_enabled(self, device: str) -> bool:
+        """Whether saves are asynchronous on ``device`` ('cuda' or 'cpu')."""
+        return device == "cuda" if self.async_save is None else self.async_save
 
 
 @dataclass

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +123,22 @@ class BadStepGuard:
         state.consumed_samples = bad_steps.past_skipped(state.consumed_samples, _windows(state))
         return state.consumed_samples
 
-    def step(self, optimizer, loss: float, state) -> tuple[bool, float | None]:
-        """Step ``optimizer`` unless ``loss`` or the global grad norm is non-finite. Returns
-        (updated, grad_norm). The norm check costs one extra norm reduction per step."""
+    def position_after(self, state, position: int) -> int:
+        """The position a step would train from after ``position`` (past any skipped window); no change."""
+        return bad_steps.past_skipped(position, _windows(state))
+
+    def step(self, optimizer, read_loss: Callable[[], float], state) -> tuple[bool, float | None]:
+        """Step ``optimizer`` unless the loss or the global grad norm is non-finite. Returns
+        (updated, grad_norm). The norm check costs one extra norm reduction per step. The loss is read
+        (``read_loss``) after the norm: megatron's norm already waits for the device (``.item()``), so
+        reading the loss, reduced before it, waits for nothing more."""
         counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
-        norm = None
-        if math.isfinite(loss):
-            optimizer.prepare_grads()
-            norm = optimizer.get_grad_norm()
-            norm = float(norm) if norm is not None else None
+        optimizer.prepare_grads()
+        norm = optimizer.get_grad_norm()
+        norm = float(norm) if norm is not None else None
+        loss = read_loss()
+        if not math.isfinite(loss):
+            norm = None  # the loss names the step's fault; its norm is not reported
         step_no = state.step + 1
         if norm is not None and math.isfinite(norm) and math.isfinite(loss):
             ok, grad_norm, _ = optimizer.step()

@@ -3,6 +3,16 @@
 Everything that changes behaviour over the run (LR schedule, metrics, checkpoints, progress, plots) is a
 callback; the loop only runs steps. The data position is the number of samples consumed, so a resume or
 a change of the global batch never skips or repeats a sample.
+
+Host syncs. A step waits on the device once: megatron's gradient norm (``.item()``), which clipping needs
+and on which the bad-step guard decides before the optimizer steps. The losses (LM, MoE auxiliary) are
+reduced across ranks on the device before it and read by the host right after it, so reading them costs no
+further wait, and the guard and the loss-spike callback keep their per-step host values. The ranks' stop
+agreement (a SIGTERM on any rank) and the completion of an asynchronous checkpoint are collectives with a
+host read: they run only on the steps :meth:`Trainer.host_sync_due` names (every
+``training.sync_interval`` steps, log, eval, checkpoint and last steps), the same steps on every rank.
+Data: :class:`data.Prefetcher` reads the next step's micro-batches on a thread while a step trains;
+each rank reads only the fields of its pipeline stage.
 """
 
 from __future__ import annotations
@@ -48,10 +58,12 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, chunk):
-    """megatron-core's forward step: one micro-batch through one model chunk, and its loss function."""
+    """megatron-core's forward step: one micro-batch through one model chunk, and its loss function.
+    A stage reads only its fields (``data.stage_fields``): a first stage has no labels, a last no tokens,
+    a middle one nothing (the model takes its input from the previous stage, and its loss is not called)."""
     batch = next(data_iterator)
-    output = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    output = chunk(batch.get("tokens"), batch.get("position_ids"), None, labels=batch.get("labels"))
+    return output, partial(_loss_func, batch.get("loss_mask"))
 
 
 @dataclass
@@ -98,7 +110,9 @@ class Trainer:
         rs = recipe.resilience
         self.guard = resilience.BadStepGuard(rs.max_bad_steps, rs.on_bad_steps, rs.max_rewinds)
         self.loaded_from: Path | None = None
-        self.last_saved: tuple[int, Path] | None = None  # (step, directory) of the newest save
+        self.last_saved: tuple[int, Path] | None = None  # (step, directory) of the newest complete save
+        self.prefetcher = data.Prefetcher(pin_memory=derived.device == "cuda")
+        self.saves = checkpoint.AsyncSaves() if recipe.checkpoint.async_enabled(derived.device) else None
         self._build()
 
     # -- construction -------------------------------------------------------------------------------------
@@ -170,11 +184,16 @@ class Trainer:
     def relayout(self, phase: PhasePlan) -> SwitchTimes:
         """Continue this run in ``phase``'s layout without restarting processes: checkpoint (a real one,
         so a crash after the switch resumes from it, and a fresh job loading it is the reference), tear
-        the layout down, build the new one, load the checkpoint resharded into it."""
+        the layout down, build the new one, load the checkpoint resharded into it. An asynchronous save
+        is completed first: its writers and its finalisation use the old layout's process groups."""
         times = SwitchTimes()
         t0 = time.perf_counter()
+        self.finish_saves()
         saved = self.last_saved
-        path = saved[1] if saved and saved[0] == self.state.step else self.save_checkpoint()
+        if not (saved and saved[0] == self.state.step):
+            self.save_checkpoint()
+            self.finish_saves()
+        path = self.last_saved[1]
         t1 = time.perf_counter()
         self._teardown_model()
         t2 = time.perf_counter()
@@ -200,20 +219,34 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Save this step. With ``checkpoint.async_save`` the files are written by a background process
+        and the save completes (manifest, rename, ``latest``, ``on_checkpoint_saved``) at a later host-sync
+        step or :meth:`finish_saves`; one save is in flight at a time. Returns the final directory."""
         gpu.gather_params(self.chunks, self.gpu)
-        path = checkpoint.save(
+        self.finish_saves()  # the previous save completes (and names `latest`) before this one starts
+        step = self.state.step
+
+        def saved(path: Path) -> None:
+            self.last_saved = (step, path)
+            for cb in self.callbacks:
+                cb.on_checkpoint_saved(self, str(path))
+
+        return checkpoint.save(
             self.recipe.checkpoint_dir,
-            self.state.step,
+            step,
             self.chunks,
             self.optimizer,
             self.trainer_state(),
             self.recipe.checkpoint.keep_last,
             checksums=self.recipe.checkpoint.checksums,
+            saves=self.saves,
+            on_saved=saved,
         )
-        self.last_saved = (self.state.step, path)
-        for cb in self.callbacks:
-            cb.on_checkpoint_saved(self, str(path))
-        return path
+
+    def finish_saves(self) -> None:
+        """Collective: wait for an asynchronous save in flight and complete it (nothing without one)."""
+        if self.saves is not None:
+            self.saves.finish(blocking=True)
 
     def load_checkpoint(self, path: Path) -> Path:
         """Load ``path`` (from :func:`find_checkpoint`) on every rank, resharded into this layout."""
@@ -240,13 +273,39 @@ class Trainer:
 
         return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
-    def _microbatches(self, dataset, start: int, global_batch: int) -> list[dict[str, torch.Tensor]]:
+    def _batch_key(self, start: int, global_batch: int, micro_batch: int | None = None) -> data.BatchKey:
+        from megatron.core import parallel_state as ps
+
         rank, size = self.dp
-        mbs = self.active.training.micro_batch_size
-        batches = data.microbatches(dataset, start, global_batch, mbs, rank, size)
-        if self.derived.device == "cuda":
-            batches = [{k: v.cuda(non_blocking=True) for k, v in b.items()} for b in batches]
+        first, last = ps.is_pipeline_first_stage(ignore_virtual=True), layout.is_last_stage()
+        mbs = self.active.training.micro_batch_size if micro_batch is None else micro_batch
+        return data.BatchKey(start, global_batch, mbs, rank, size, data.stage_fields(first, last))
+
+    def _next_batch_key(self, start: int, global_batch: int) -> data.BatchKey | None:
+        """The guess of the next step's key, made as this step starts: the next data position, and the
+        batch of the phase there (None at the run's end or when a layout switch comes first)."""
+        tokens = self.state.consumed_tokens + global_batch * self.recipe.model.seq_length
+        if tokens >= self.derived.train_tokens:
+            return None
+        phase = self.derived.phase_at(tokens)
+        if phase.parallel != self.phase.parallel:
+            return None
+        nxt = self.guard.position_after(self.state, start + global_batch)
+        return self._batch_key(nxt, phase.batch, phase.micro_batch_size)
+
+    def _to_device(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        if self.derived.device == "cuda":  # pinned by the reader: the copies overlap
+            return [{k: v.cuda(non_blocking=True) for k, v in b.items()} for b in batches]
         return batches
+
+    def _train_batches(self, start: int, global_batch: int) -> list[dict[str, torch.Tensor]]:
+        """This step's micro-batches (prefetched if the guess was right), and the next step's guess sent
+        to the reader thread."""
+        batches = self.prefetcher.get(self.bundle.train, self._batch_key(start, global_batch))
+        nxt = self._next_batch_key(start, global_batch)
+        if nxt is not None:
+            self.prefetcher.prefetch(self.bundle.train, nxt)
+        return self._to_device(batches)
 
     def _run(
         self, batches: list[dict[str, torch.Tensor]], forward_only: bool
@@ -263,18 +322,28 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step. Losses are reduced on the device; the host reads them right after the one
+        wait a step has anyway (megatron's gradient norm, which clipping and the bad-step guard need)."""
         gbs = self.state.global_batch_size
-        batches = self._microbatches(self.bundle.train, self.guard.data_position(self.state), gbs)
+        batches = self._train_batches(self.guard.data_position(self.state), gbs)
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(batches, forward_only=False)
-        lm = _mean_over_last_stage([x["lm_loss"] for x in losses])
-        aux = self._moe_aux_losses(len(batches))
+        lm_dev = _reduce_over_last_stage([x["lm_loss"] for x in losses])
+        aux_dev = self._moe_aux_sums()
         if is_bad_batch(self.recipe.resilience.inject_nan_steps, self.state.consumed_samples, gbs):
             resilience.poison_grads(self.chunks)
-        ok, grad_norm = self.guard.step(self.optimizer, lm + sum(aux.values()), self.state)
+        host: dict[str, Any] = {}
+
+        def read_loss() -> float:
+            host["lm"] = float(lm_dev)
+            host["aux"] = self._moe_aux_losses(aux_dev, len(batches))
+            return host["lm"] + sum(host["aux"].values())
+
+        ok, grad_norm = self.guard.step(self.optimizer, read_loss, self.state)
+        lm, aux = host["lm"], host["aux"]
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.recipe.model.seq_length
@@ -288,8 +357,8 @@ class Trainer:
             **self.guard.metrics(self.state),
         }
 
-    def _moe_aux_losses(self, num_microbatches: int) -> dict[str, float]:
-        """MoE losses as added to the objective (with coefficients), mean over layers and micro-batches."""
+    def _moe_aux_sums(self) -> dict[str, torch.Tensor]:
+        """This step's MoE loss sums over layers and micro-batches, reduced across ranks on the device."""
         if not self.recipe.model.is_moe:
             return {}
         from megatron.core.transformer.moe import moe_utils
@@ -297,15 +366,18 @@ class Trainer:
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         names = sorted(tracker)
         moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+        sums = {name: tracker[name]["values"].sum() for name in names}
+        moe_utils.clear_aux_losses_tracker()
+        return sums
+
+    def _moe_aux_losses(self, sums: dict[str, torch.Tensor], num_microbatches: int) -> dict[str, float]:
+        """MoE losses as added to the objective (with coefficients), mean over layers and micro-batches."""
         m = self.recipe.model
         n_moe = m.num_layers - m.first_k_dense
         coeff = {"load_balancing_loss": m.moe_aux_loss_coeff, "z_loss": m.moe_z_loss_coeff or 0.0}
-        out = {}
-        for name in names:
-            value = float(tracker[name]["values"].sum()) / n_moe / num_microbatches
-            out[name] = coeff.get(name, 1.0) * value
-        moe_utils.clear_aux_losses_tracker()
-        return out
+        return {
+            name: coeff.get(name, 1.0) * (float(s) / n_moe / num_microbatches) for name, s in sums.items()
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -316,12 +388,18 @@ class Trainer:
             return {}
         for c in self.chunks:
             c.eval()
-        out = self._run(self._microbatches(self.bundle.valid, 0, n), forward_only=True)
+        key = self._batch_key(0, n)
+        batches = data.microbatches(
+            self.bundle.valid, 0, n, key.micro_batch, key.dp_rank, key.dp_size, key.fields
+        )
+        out = self._run(self._to_device(batches), forward_only=True)
         if self.recipe.model.is_moe:
             from megatron.core.transformer.moe import moe_utils
 
             moe_utils.clear_aux_losses_tracker()
-        return {"val_loss": _mean_over_last_stage([x["lm_sum"] for x in out], [x["tokens"] for x in out])}
+        return {
+            "val_loss": float(_reduce_over_last_stage([x["lm_sum"] for x in out], [x["tokens"] for x in out]))
+        }
 
     # -- the loop ----------------------------------------------------------------------------------------
     def emit(self, hook: str, *args) -> None:
@@ -333,6 +411,15 @@ class Trainer:
     def done(self) -> bool:
         """The run has consumed its tokens (the last step of the last batch phase is behind it)."""
         return self.state.consumed_tokens >= self.derived.train_tokens
+
+    def host_sync_due(self) -> bool:
+        """Whether the step just done ends with the ranks' stop agreement (and the completion of an
+        asynchronous save that has finished writing): every ``training.sync_interval`` steps, on logging,
+        evaluation and checkpoint steps, and on the last step. A function of the step number only, so
+        every rank meets the same collectives at the same steps."""
+        s, t, every = self.state.step, self.recipe.training, self.recipe.checkpoint.interval
+        due = (t.sync_interval, t.log_interval, t.eval_interval, every)
+        return self.done or any(n and s % n == 0 for n in due)
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._signalled else 0.0])
@@ -355,13 +442,18 @@ class Trainer:
         interval = self.recipe.training.eval_interval
         if interval and (self.state.step % interval == 0 or self.done):
             self._eval()
-        if self._agree_to_stop():
-            self.stop_requested = True
+        if self.host_sync_due():
+            if self.saves is not None:
+                self.saves.finish(blocking=False)
+            if self._agree_to_stop():
+                self.stop_requested = True
+                print(f"ramp: rank {dist.get_rank()}: stopping after step {self.state.step}", flush=True)
 
     def rewind(self, bad: resilience.Rewind) -> None:
         """Reload the last checkpoint and skip the bad steps' samples (resilience.on_bad_steps=rewind).
         The checkpoint is saved again with the skipped window in its state: a resume skips it too."""
         before = self.state
+        self.finish_saves()  # the checkpoint to rewind to may be the one still being written
         path = find_checkpoint(self.recipe, "auto")
         if path is not None:
             self.load_checkpoint(path)
@@ -384,6 +476,7 @@ class Trainer:
             while not self.done and not self.stop_requested:
                 self.step()
             self.emit("on_train_end")
+            self.finish_saves()  # the last checkpoint is complete, and named by `latest`, before exit
         finally:
             signal.signal(signal.SIGTERM, previous)
             for cb in self.callbacks:
@@ -422,8 +515,11 @@ def resume_tokens(path: Path | None) -> int:
     return int(checkpoint.read_trainer_state(path)["state"]["consumed_tokens"])
 
 
-def _mean_over_last_stage(values: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> float:
-    """Mean over micro-batches and DP ranks, made visible on every rank (only last stages hold losses).
+def _reduce_over_last_stage(
+    values: list[torch.Tensor], weights: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Mean over micro-batches and DP ranks, made visible on every rank (only last stages hold losses),
+    as a 0-d tensor on the device: nothing waits for it until the host reads it.
     With ``weights`` (token counts), ``values`` are sums and the result is their total over the weights'."""
     last = layout.is_last_stage()
     have = last and bool(values)
@@ -437,4 +533,4 @@ def _mean_over_last_stage(values: list[torch.Tensor], weights: list[torch.Tensor
         num, den = num.cuda(), den.cuda()
     buf = torch.stack([num * float(last), den * float(last)])
     dist.all_reduce(buf)
-    return float(buf[0] / buf[1])
+    return buf[0] / buf[1]

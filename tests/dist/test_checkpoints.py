@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,17 @@ import time
 
 import psutil
 import pytest
-from ramp_run import ROOT, TINY, assert_continues, free_port, kill_tree, ramp_env, run_ramp, step_checkpoint
+from ramp_run import (
+    ROOT,
+    TINY,
+    assert_continues,
+    free_port,
+    kill_tree,
+    ramp_command,
+    ramp_env,
+    run_ramp,
+    step_checkpoint,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -136,3 +147,149 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert 3 <= last_step < 500
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last_step:07d}"
+
+
+ASYNC_PROBE = """
+import json, sys
+from pathlib import Path
+import torch
+from launcher import checkpoint
+from tools.mup_coord_check import trainer_for
+
+run, sets = Path(sys.argv[1]), json.loads(sys.argv[2])
+ck = run / "checkpoints"
+final = checkpoint.step_dir(ck, 2)
+
+
+def train(t):
+    t.emit("on_step_start")  # the LR of the step
+    t.train_step()
+
+
+def params(t):
+    return {n: p.detach().clone() for n, p in t.chunks[0].named_parameters()}
+
+
+def on_disk():
+    return {
+        "latest": checkpoint.latest_name(ck),
+        "tmp": final.with_name(final.name + ".tmp").is_dir(),
+        "final": final.exists(),
+        "pending": t.saves.pending,
+        "last_saved": None if t.last_saved is None else t.last_saved[0],
+    }
+
+
+out = {}
+with trainer_for(sets, run) as t:
+    out["async"] = t.saves is not None
+    train(t)
+    train(t)
+    saved = params(t)
+    t.save_checkpoint()
+    out["in_flight"] = on_disk()
+    train(t)  # training goes on while the writer process writes step 2
+    out["changed"] = any(not torch.equal(p, saved[n]) for n, p in params(t).items())
+    t.finish_saves()
+    out["done"] = on_disk()
+    out["damage"] = checkpoint.damage(final, verify_checksums=True)
+    t.load_checkpoint(final)
+    out["bitwise"] = all(torch.equal(p, saved[n]) for n, p in params(t).items())
+    out["step"] = t.state.step
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_async_save_names_latest_only_when_complete_and_loads_bitwise(tmp_path):
+    """checkpoint.async_save on CPU: right after the save is scheduled nothing is published (no `latest`, only
+    ``step_2.tmp``) while training goes on; completing it publishes a checksummed checkpoint that loads back
+    into exactly the weights of step 2, not the step-3 weights the trainer held while it was written."""
+    sets = [s for s in TINY if not s.startswith("logging.")]
+    sets += ["training.train_steps=4", "checkpoint.async_save=true", "logging.tensorboard=false"]
+    p = subprocess.run(
+        [sys.executable, "-c", ASYNC_PROBE, str(tmp_path), json.dumps(sets)],
+        cwd=ROOT,
+        env=ramp_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    out = json.loads(lines[0].removeprefix("RESULT "))
+    assert out["async"]
+    assert out["in_flight"] == {"latest": None, "tmp": True, "final": False, "pending": 1, "last_saved": None}
+    assert out["changed"]  # step 3 moved the weights: the bitwise comparison below can fail
+    assert out["done"] == {
+        "latest": "step_0000002",
+        "tmp": False,
+        "final": True,
+        "pending": 0,
+        "last_saved": 2,
+    }
+    assert out["damage"] is None
+    assert out["bitwise"] and out["step"] == 2
+
+
+def test_async_save_run_resumes_bitwise(straight_dp2, tmp_path):
+    """A DP2 run saving asynchronously trains the same numbers as one saving synchronously, and its
+    checkpoints resume exactly like the synchronous ones."""
+    sets = [f"training.train_steps={STEPS}", f"checkpoint.interval={HALF}", "checkpoint.keep_last=5"]
+    run = run_ramp(tmp_path / "async", [*sets, "checkpoint.async_save=true"], nproc=2).check()
+    assert run.series("loss") == straight_dp2.series("loss")
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert checkpoint_names(ckpts) == [f"step_{HALF:07d}", f"step_{STEPS:07d}"]
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:07d}"
+    resumed = run_ramp(
+        tmp_path / "resumed",
+        [f"training.train_steps={STEPS}", f"checkpoint.load={step_checkpoint(run, HALF)}"],
+        nproc=2,
+    ).check()
+    ref = straight_dp2.series("loss")
+    assert resumed.series("loss") == {s: ref[s] for s in range(HALF + 1, STEPS + 1)}
+    assert resumed.series("grad_norm") == {
+        s: straight_dp2.series("grad_norm")[s] for s in range(HALF + 1, STEPS + 1)
+    }
+
+
+def checkpoint_names(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name != "latest")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_sync_step(tmp_path):
+    """Stop agreement every training.sync_interval steps: a SIGTERM that reaches rank 1 only stops both ranks
+    after the same step, a multiple of the interval (no log, eval or checkpoint step in between), where the
+    exit checkpoint is saved."""
+    every = 4
+    cmd = ramp_command(
+        tmp_path,
+        [
+            "training.train_steps=400",
+            "training.log_interval=1000",
+            f"training.sync_interval={every}",
+            "checkpoint.interval=0",
+        ],
+        nproc=2,
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ramp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (tmp_path / "metrics.jsonl").exists():  # step 1 is logged
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in p.environ()]
+        rank1 = next(p for p in workers if p.environ()["RANK"] == "1")
+        time.sleep(1.0)
+        rank1.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid, grace_s=0)
+    assert proc.returncode == 0, out[-3000:]
+    stops = dict(re.findall(r"ramp: rank (\d): stopping after step (\d+)", out))
+    assert set(stops) == {"0", "1"}, out[-3000:]
+    assert stops["0"] == stops["1"]
+    step = int(stops["0"])
+    assert step % every == 0 and step < 400
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{step:07d}"

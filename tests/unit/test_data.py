@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import pickle
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,16 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 from launcher import corpus
 from launcher.corpus import prepare_embedded, stdlib_dir, stdlib_files
-from launcher.data import DocumentIndex, build_datasets, microbatches, parse_blend, sampled_digest
+from launcher.data import (
+    BatchKey,
+    DocumentIndex,
+    Prefetcher,
+    build_datasets,
+    microbatches,
+    parse_blend,
+    sampled_digest,
+    stage_fields,
+)
 from launcher.errors import RampError
 from launcher.indexing import expand_inputs, iter_documents, write_indexed_dataset
 from launcher.recipe import DataConfig
@@ -395,6 +406,110 @@ def test_microbatches_read_the_real_dataset(pg, tok, dataset, tmp_path):
     b = build_datasets(_cfg(tmp_path, [str(prefix)], tok.path), SEQ, 3, 64, 0)
     mbs = microbatches(b.train, 8, 16, 2, 1, 2)
     assert torch.equal(mbs[1]["tokens"][0], b.train[8 + (1 * 2 + 1) * 2]["tokens"])
+
+
+class _Recorded(_Numbered):
+    """Numbered samples that note which sample each read asked for, and on which thread."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, str]] = []
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.reads.append((i, threading.current_thread().name))
+        return super().__getitem__(i)
+
+
+def _ids(batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+    return [mb["tokens"][:, 0].tolist() for mb in batches]
+
+
+ALL = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def test_stage_fields():
+    assert stage_fields(True, True) == ALL
+    assert stage_fields(True, False) == ("tokens", "position_ids")
+    assert stage_fields(False, True) == ("labels", "loss_mask")
+    assert stage_fields(False, False) == ()
+
+
+def test_prefetch_hit_is_read_on_the_thread_and_equals_the_samples():
+    ds, pf = _Recorded(), Prefetcher()
+    key = BatchKey(start=40, global_batch=8, micro_batch=2, dp_rank=1, dp_size=2, fields=ALL)
+    pf.prefetch(ds, key)
+    got = pf.get(ds, key)
+    # rank 1 of 2, micro-batch 2: samples 40 + (j*2 + 1)*2 + [0, 2) for j = 0, 1 (by hand)
+    assert _ids(got) == [[42, 43], [46, 47]]
+    assert sorted(i for i, _ in ds.reads) == [42, 43, 46, 47]
+    assert {t for _, t in ds.reads} == {"ramp-data_0"}  # the background reader, not this thread
+    assert (pf.hits, pf.misses, pf.dropped) == (1, 0, 0)
+    pf.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"start": 48},  # a rewind or a skipped window moved the data position
+        {"global_batch": 16},  # the batch schedule changed the batch at the step start
+        {"micro_batch": 1},  # a phase with another micro-batch size
+        {"dp_rank": 0, "dp_size": 4},  # a layout switch changed data parallelism
+        {"fields": ("labels", "loss_mask")},  # ... or the pipeline stage of this rank
+    ],
+    ids=["position", "batch", "micro_batch", "dp", "stage"],
+)
+def test_stale_prefetch_is_dropped_and_the_asked_batch_read(change):
+    ds, pf = _Recorded(), Prefetcher()
+    guess = BatchKey(start=40, global_batch=8, micro_batch=2, dp_rank=1, dp_size=2, fields=ALL)
+    asked = dataclasses.replace(guess, **change)
+    pf.prefetch(ds, guess)
+    got = pf.get(ds, asked)
+    assert (pf.hits, pf.misses, pf.dropped) == (0, 1, 1)
+    per_step = asked.micro_batch * asked.dp_size
+    want = [
+        list(range(f, f + asked.micro_batch))
+        for j in range(asked.global_batch // per_step)
+        for f in [asked.start + (j * asked.dp_size + asked.dp_rank) * asked.micro_batch]
+    ]
+    if "tokens" in asked.fields:
+        assert _ids(got) == want
+    else:
+        assert [mb["labels"][:, 0].tolist() for mb in got] == [[i + 1 for i in ids] for ids in want]
+    assert all(set(mb) == set(asked.fields) for mb in got)
+    # the next guess is used again once it is right
+    pf.prefetch(ds, asked)
+    again = pf.get(ds, asked)
+    assert pf.hits == 1 and len(again) == len(got)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(again, got) for k in asked.fields)
+    pf.close()
+
+
+def test_prefetch_for_another_dataset_is_not_used():
+    a, b, pf = _Recorded(), _Recorded(), Prefetcher()
+    key = BatchKey(0, 4, 2, 0, 1, ALL)
+    pf.prefetch(a, key)
+    pf.get(b, key)
+    assert (pf.hits, pf.misses, pf.dropped) == (0, 1, 1) and b.reads
+    pf.close()
+
+
+def test_middle_stage_reads_nothing():
+    ds, pf = _Recorded(), Prefetcher()
+    key = BatchKey(0, 16, 2, 0, 2, ())
+    pf.prefetch(ds, key)
+    assert pf.get(ds, key) == [{}] * 4  # four micro-batches for the schedule, no sample read
+    assert ds.reads == []
+    pf.close()
+
+
+def test_prefetch_errors_surface_only_for_the_batch_asked():
+    ds, pf = _Numbered(), Prefetcher()
+    past_end = BatchKey(992, 16, 4, 0, 1, ALL)
+    pf.prefetch(ds, past_end)
+    assert _ids(pf.get(ds, BatchKey(0, 4, 4, 0, 1, ALL))) == [[0, 1, 2, 3]]  # the bad guess is dropped
+    pf.prefetch(ds, past_end)
+    with pytest.raises(RampError, match="dataset holds 1,000"):
+        pf.get(ds, past_end)
+    pf.close()
 
 
 # --- embedded corpus ---------------------------------------------------------------------------------
