@@ -37,11 +37,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ramp_run import run_ramp  # noqa: E402
 
+from benchmarks import cache  # noqa: E402
 from benchmarks.cache import code_version, run_key  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "batch_warmup_runs"
-CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml")
+CODE_PATHS = cache.MOE_TINY_CODE
 SEQ = 256
 TOKENS = 2_457_600  # 1,200 steps of 8 sequences; every phase boundary below is a multiple of 64 sequences
 LR = 2e-3  # at 8 sequences (calibration.md's sweep optimum)

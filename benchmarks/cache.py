@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+#: What fixes the numbers of a moe-tiny training run: the training program, its patches and the recipe.
+MOE_TINY_CODE = ("launcher", "patches", "recipes/moe-tiny.yaml")
 
 
 def code_version(paths: Iterable[str]) -> str:

@@ -40,13 +40,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ramp_run import TINY, run_ramp  # noqa: E402
 
+from benchmarks import cache  # noqa: E402
 from benchmarks.cache import code_version, run_key  # noqa: E402
 from launcher import recipe as recipe_mod  # noqa: E402
 from launcher.laws import cbs as cbs_law  # noqa: E402
 from launcher.probes import ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml", "benchmarks/cbs_curve.py")
+CODE_PATHS = (*cache.MOE_TINY_CODE, "benchmarks/cbs_curve.py")
 FORK_FRACS = (0.02, 0.08, 0.20, 0.40, 0.55, 0.70)  # >= 6 points, dense early (the CBS rises fast)
 CBS_FRACTION, MAX_BATCH = 0.5, 32
 

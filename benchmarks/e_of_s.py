@@ -29,12 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import cache  # noqa: E402
 from benchmarks.cache import cached_run, code_version  # noqa: E402
 from launcher.laws.e_of_s import BatchRun, analyse, bopt_curve  # noqa: E402
 from tools.fit_e_of_s import auto_targets, plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml")
+CODE_PATHS = cache.MOE_TINY_CODE
 SEQ = 256
 LR = 2e-3
 

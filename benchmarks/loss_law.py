@@ -39,11 +39,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import cache  # noqa: E402
 from benchmarks.cache import cached_run, code_version  # noqa: E402
 from launcher.laws.loss_curve import LAWS, Curve, StepSchedule, compare, fit_loss_law  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml")
+CODE_PATHS = cache.MOE_TINY_CODE
 SEQ = 256
 LR = 2e-3
 FIT_ON = ("constant", "wsd30")

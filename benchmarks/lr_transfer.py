@@ -51,7 +51,7 @@ from tools.mup_coord_check import width_sets  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 PARAMETRISATIONS = ("standard", "mup")
 #: The sources whose content fixes a run's numbers: the cache key includes their hash.
-CODE_PATHS = ("launcher", "patches", "recipes/moe-tiny.yaml", "tools/mup_coord_check.py")
+CODE_PATHS = (*cache.MOE_TINY_CODE, "tools/mup_coord_check.py")
 BASE_LAYERS = 2
 CURVE_POINTS = 6  # evaluations along the run, besides the final one
 
