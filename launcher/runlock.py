@@ -9,6 +9,7 @@ the pid), or when its heartbeat (the file's mtime, touched every ``HEARTBEAT_S``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -114,3 +115,16 @@ def die_with_parent(poll_s: float = 0.5) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="ramp-parent-watch", daemon=True).start()
+    os.register_at_fork(after_in_child=kill_me_with_parent)
+
+
+def kill_me_with_parent() -> None:
+    """In a process this worker forks (megatron's checkpoint writers): SIGKILL when the worker dies. A
+    forked child has none of the worker's threads, so the watch above does not cover it, and a worker
+    killed during a save would otherwise leave its writer waiting on a pipe forever (seen: an orphan from
+    a killed rank, still alive an hour and a half later)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the orphan risk stays
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

@@ -92,3 +92,33 @@ def test_nan_injection_follows_the_batch_not_the_step_number():
 def test_an_unknown_bad_step_action_is_refused_naming_the_choices():
     with pytest.raises(RampError, match=r"resilience.on_bad_steps='retry': choose one of stop, rewind"):
         load_recipe("moe-tiny", ["resilience.on_bad_steps=retry"])
+
+
+def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
+    """megatron forks checkpoint writers; a worker SIGKILLed mid-save must not leave them behind."""
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from launcher.runlock import kill_me_with_parent\n"
+        "os.register_at_fork(after_in_child=kill_me_with_parent)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    child = psutil.Process(int(worker.stdout.readline()))
+    assert child.is_running()
+    worker.kill()
+    worker.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
