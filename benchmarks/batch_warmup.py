@@ -223,7 +223,10 @@ def plot(results: dict[str, dict[int, dict]], seed: int, path: Path) -> None:
     axes[0].set(xlabel="optimizer steps", ylabel="train loss", title=f"loss vs steps (seed {seed})")
     axes[1].set(xlabel="tokens (M)", ylabel="loss (dots: fixed validation set)", title="loss vs tokens")
     axes[2].set(
-        xlabel="tokens (M)", ylabel="global batch (sequences)", yscale="log", title="batch (: layout switch)"
+        xlabel="tokens (M)",
+        ylabel="global batch (sequences)",
+        yscale="log",
+        title="global batch (dotted: in-job layout switch)",
     )
     for ax in axes[:2]:
         ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
