@@ -6,7 +6,6 @@ a relayout or a CBS probe builds trainers through them too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -34,13 +33,10 @@ def schedule_and_table(r: Recipe, d: Derived) -> tuple[TokenSchedule, MupTable]:
     return schedule, table
 
 
-def plan_run(
-    recipe_spec: str | Path | dict, overrides: list[str], world_size: int, cuda: bool, env: layout.Env
-) -> RunPlan:
-    """Recipe, derived sizes, schedule and muP table for ``world_size`` ranks; one-line errors only."""
-    from launcher import checkpoint, recipe
+def plan_run(r: Recipe, world_size: int, cuda: bool, env: layout.Env) -> RunPlan:
+    """Derived sizes, schedule and muP table of ``r`` for ``world_size`` ranks; one-line errors only."""
+    from launcher import checkpoint
 
-    r = recipe.load(recipe_spec, overrides)
     r.data = r.data.absolute()  # the run records where its data is, readable from any directory
     d = r.derive(world_size, cuda)
     schedule, table = schedule_and_table(r, d)

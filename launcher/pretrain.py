@@ -50,7 +50,7 @@ def plan(args: argparse.Namespace) -> build.RunPlan:
     env = layout.Env.from_environ()
     r = recipe.load(args.recipe, args.set)
     world, cuda = world_and_cuda(args, r, env)
-    return build.plan_run(args.recipe, args.set, world, cuda, env)
+    return build.plan_run(r, world, cuda, env)
 
 
 def planning_for_cluster(args: argparse.Namespace, r, env: layout.Env) -> bool:

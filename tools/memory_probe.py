@@ -56,6 +56,8 @@ def static_bytes(trainer) -> dict[str, float]:
 
 def saved_activation_bytes(trainer) -> float:
     """Bytes autograd keeps for backward over one micro-batch's forward (first chunk, loss included)."""
+    from launcher import data
+
     param_storages = {_storage(p)[0] for c in trainer.chunks for p in c.parameters()}
     saved: dict[int, int] = {}
 
@@ -65,7 +67,8 @@ def saved_activation_bytes(trainer) -> float:
             saved[ptr] = nbytes
         return t
 
-    batch = trainer._microbatches(trainer.bundle.train, 0, trainer.recipe.training.micro_batch_size)[0]
+    mbs = trainer.recipe.training.micro_batch_size
+    (batch,) = data.microbatches(trainer.bundle.train, 0, mbs, mbs, 0, 1)  # one micro-batch, every field
     chunk = trainer.chunks[0]
     chunk.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -102,7 +102,7 @@ def _probe(run_dir: str, out: str) -> None:
     import torch
 
     import patches
-    from launcher import layout, parametrization, recipe
+    from launcher import data, layout, parametrization, recipe
     from launcher.laws.mup import group_of, multiplier_table
     from launcher.trainer import Trainer
 
@@ -120,7 +120,8 @@ def _probe(run_dir: str, out: str) -> None:
         if group_of(name) in stds
     }
 
-    batch = trainer._microbatches(trainer.bundle.train, 0, r.training.micro_batch_size)[0]
+    mbs = r.training.micro_batch_size
+    (batch,) = data.microbatches(trainer.bundle.train, 0, mbs, mbs, 0, 1)  # one micro-batch, every field
     chunk.eval()
 
     @torch.no_grad()
