@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks.lr_transfer import RUN_SETS as SWEEP_SETS
 from launcher.errors import RampError
 from launcher.laws.lr_law import (
     PAPER_LAW,
@@ -300,25 +301,9 @@ def test_read_sweep_csv_and_json(tmp_path) -> None:
         read_sweep(tmp_path / "bad.csv")
 
 
-# The LR-transfer sweep's run files (benchmarks/results/lr_transfer_runs/*.json), as written there.
-RUN_SETS = [
-    "model.num_layers=2",
-    "model.num_experts=4",
-    "model.moe_router_topk=2",
-    "model.seq_length=128",
-    "training.micro_batch_size=16",
-    "training.global_batch_size=16",
-    "training.train_tokens=null",
-    "training.eval_interval=0",
-    "training.log_interval=1000000",
-    "training.eval_samples=128",
-    "schedule.style=wsd",
-    "schedule.warmup_frac=0.05",
-    "checkpoint.save_at_exit=false",
-    "logging.tensorboard=false",
-    "logging.plots=false",
-    "logging.wandb.enabled=false",
-]
+# The LR-transfer sweep's run files (benchmarks/results/lr_transfer_runs/*.json) as the benchmark writes
+# them: its common overrides, then the depth.
+RUN_SETS = [*SWEEP_SETS, "model.num_layers=2"]
 STEPS = 1000
 TOKENS = STEPS * 16 * 128  # 2,048,000
 
