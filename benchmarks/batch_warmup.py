@@ -2,11 +2,12 @@
 
 moe-tiny on the embedded corpus, 2 gloo processes, WSD (2% warmup, 1-sqrt decay over the last 20% to 0.1),
 LR 2e-3 at 8 sequences and ``sqrt(B / 8)`` with the batch, equal tokens for every run (2.46 M), each run
-read off on the same fixed validation set (384 sequences). Five batch schedules:
+read off on the same fixed validation set (384 sequences). Six batch schedules:
 
 - ``small``: 8 sequences throughout; ``large``: 64 throughout (LR x sqrt(8));
 - ``warmup``: a hand step schedule, 8 -> 16 at 20% -> 32 at 38% of the tokens (calibration.md: under WSD,
   growing late and capping at 32 beat growing to 64, whose last phase the decay favours the small batch in);
+- ``late``: calibration.md's winning schedule, later still: 8 -> 16 at 25% -> 32 at 50% (half the steps);
 - ``seesaw`` (arXiv 2510.14717): a doubling wherever the WSD decay halves the LR;
 - ``cbs``: 2505.23971's doubling rule on the CBS calibration.md measured by branched training (8 sequences
   at 2% and 8%, 32 from 20% on).
@@ -17,7 +18,9 @@ seeds differ by ~2% at this scale.
 
     python benchmarks/batch_warmup.py [--seeds 0 1 2] [--runs small warmup ...]
 
-Writes ``benchmarks/results/batch_warmup.json`` (``steps``, ``final_loss``: run -> list over seeds;
+Writes ``benchmarks/results/batch_warmup.json`` (``steps``, ``final_loss``: run -> list over that run's
+``seeds``; every run this code version has cached is reported, and each schedule is compared with ``small``
+on the seeds both have (a schedule counts for ``steps_saved_frac`` only with every seed ``small`` has);
 ``steps_saved_frac``, ``switch_time_s``, ``switch_time_steps``) and ``batch_warmup.png``. Finished runs are
 cached under ``results/batch_warmup_runs/`` by code version and overrides.
 """
@@ -79,6 +82,11 @@ RUNS: dict[str, list[str]] = {
         "batch_schedule.kind=steps",
         f"batch_schedule.steps=[[{frac(0.20)}, 16], [{frac(0.38)}, 32]]",
     ],
+    "late": [
+        f"optimizer.lr={LR}",
+        "batch_schedule.kind=steps",
+        f"batch_schedule.steps=[[{frac(0.25)}, 16], [{frac(0.50)}, 32]]",
+    ],
     "seesaw": [f"optimizer.lr={LR}", "batch_schedule.kind=seesaw", "batch_schedule.max_batch=64"],
     "cbs": [
         f"optimizer.lr={LR}",
@@ -89,11 +97,14 @@ RUNS: dict[str, list[str]] = {
 }
 
 
+def cache_path(name: str, seed: int, version: str) -> Path:
+    return CACHE / f"{name}-s{seed}-{run_key([*BASE, *RUNS[name], f'training.seed={seed}'], version)}.json"
+
+
 def train(name: str, seed: int, version: str, work: Path) -> dict:
     """One run (from the cache when this code already ran it): its steps, losses, times and switches."""
     sets = [*BASE, *RUNS[name], f"training.seed={seed}"]
-    key = run_key(sets, version)
-    cached = CACHE / f"{name}-s{seed}-{key}.json"
+    cached = cache_path(name, seed, version)
     if cached.exists():
         return json.loads(cached.read_text())
     t0 = time.perf_counter()
@@ -125,22 +136,26 @@ def train(name: str, seed: int, version: str, work: Path) -> dict:
     return result
 
 
-def report(results: dict[str, dict[int, dict]], seeds: list[int], version: str) -> dict:
-    names = [n for n in RUNS if n in results]
+def report(results: dict[str, dict[int, dict]], version: str) -> dict:
+    """Every schedule is compared with ``small`` on the seeds both ran (a run may have fewer seeds than
+    another); ``steps_saved_frac`` is the best schedule that ran every seed ``small`` ran and whose final
+    loss is <= small's on each of them."""
+    names = [n for n in RUNS if results.get(n)]
+    seeds = sorted({s for n in names for s in results[n]})
     steps = {n: [results[n][s]["steps"] for s in seeds if s in results[n]] for n in names}
     final = {n: [results[n][s]["final_loss"] for s in seeds if s in results[n]] for n in names}
-    complete = [s for s in seeds if all(s in results[n] for n in names)]
+    small = results.get("small", {})
+    shared = {n: [s for s in seeds if s in results[n] and s in small] for n in names}
     best, saved = None, None
-    if "small" in results:
-        for n in names:
-            if n == "small" or not complete:
-                continue
-            ok = all(results[n][s]["final_loss"] <= results["small"][s]["final_loss"] for s in complete)
-            frac_saved = 1 - statistics.mean(results[n][s]["steps"] for s in complete) / statistics.mean(
-                results["small"][s]["steps"] for s in complete
-            )
-            if ok and (saved is None or frac_saved > saved):
-                best, saved = n, frac_saved
+    for n in names:
+        if n == "small" or not shared[n] or len(shared[n]) < len(small):
+            continue
+        ok = all(results[n][s]["final_loss"] <= small[s]["final_loss"] for s in shared[n])
+        frac_saved = 1 - statistics.mean(results[n][s]["steps"] for s in shared[n]) / statistics.mean(
+            small[s]["steps"] for s in shared[n]
+        )
+        if ok and (saved is None or frac_saved > saved):
+            best, saved = n, frac_saved
     switch_times = [sw["switch_time_s"] for n in names for r in results[n].values() for sw in r["switches"]]
     step_times = [t for n in names for r in results[n].values() if r["switches"] for t in r["step_times"]]
     switch_s = statistics.median(switch_times) if switch_times else None
@@ -148,7 +163,7 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], version: str) 
     return {
         "code_version": version,
         "code_version_is_current": version == code_version(CODE_PATHS),
-        "seeds": complete,
+        "seeds": {n: [s for s in seeds if s in results[n]] for n in names},
         "tokens": TOKENS,
         "runs": {n: RUNS[n] for n in names},
         "steps": steps,
@@ -157,9 +172,7 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], version: str) 
             n: [round(results[n][s]["wall_s"], 1) for s in seeds if s in results[n]] for n in names
         },
         "loss_vs_small": {
-            n: [results[n][s]["final_loss"] / results["small"][s]["final_loss"] - 1 for s in complete]
-            for n in names
-            if "small" in results
+            n: {s: results[n][s]["final_loss"] / small[s]["final_loss"] - 1 for s in shared[n]} for n in names
         },
         "layout_switches": {
             n: [
@@ -238,14 +251,18 @@ def plot(results: dict[str, dict[int, dict]], seed: int, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], choices=range(10))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary one)")
     args = ap.parse_args(argv)
     import tempfile
 
     version = code_version(CODE_PATHS)
-    results: dict[str, dict[int, dict]] = {n: {} for n in args.runs}
+    # Every run this code already made is in the report, also those of seeds or runs not asked for now.
+    results: dict[str, dict[int, dict]] = {
+        n: {s: json.loads(p.read_text()) for s in range(10) if (p := cache_path(n, s, version)).exists()}
+        for n in RUNS
+    }
     with tempfile.TemporaryDirectory(prefix="batch_warmup-") as tmp:
         work = args.work or Path(tmp)
         for seed in args.seeds:
@@ -258,16 +275,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"switches {len(r['switches'])} wall {r['wall_s']:.0f}s ({took:.0f}s now)",
                     flush=True,
                 )
-                out = report(results, args.seeds, version)
+                out = report(results, version)
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 (RESULTS / "batch_warmup.json").write_text(json.dumps(out, indent=1))
-    plot(results, args.seeds[0], RESULTS / "batch_warmup.png")
-    print(f"\n{'run':8s} " + " ".join(f"{'seed ' + str(s):>22s}" for s in args.seeds))
-    for n in args.runs:
-        cells = [
-            f"{r['steps']:5d} st {r['final_loss']:.4f} {r['wall_s']:5.0f}s"
-            for r in (results[n][s] for s in args.seeds)
-        ]
+    out = report(results, version)
+    (RESULTS / "batch_warmup.json").write_text(json.dumps(out, indent=1))
+    seeds = sorted({s for runs in results.values() for s in runs})
+    plot(results, seeds[0], RESULTS / "batch_warmup.png")
+    print(f"\n{'run':8s} " + " ".join(f"{'seed ' + str(s):>22s}" for s in seeds))
+    for n in RUNS:
+        row = [results[n].get(s) for s in seeds]
+        cells = [f"{r['steps']:5d} st {r['final_loss']:.4f} {r['wall_s']:5.0f}s" if r else "-" for r in row]
         print(f"{n:8s} " + " ".join(f"{c:>22s}" for c in cells))
     print(
         json.dumps(
