@@ -111,6 +111,7 @@ class Trainer:
         self.guard = resilience.BadStepGuard(rs.max_bad_steps, rs.on_bad_steps, rs.max_rewinds)
         self.loaded_from: Path | None = None
         self.last_saved: tuple[int, Path] | None = None  # (step, directory) of the newest complete save
+        self.switching = False  # inside relayout: callbacks skip slow extras (plots) at its checkpoint
         self.prefetcher = data.Prefetcher(pin_memory=derived.device == "cuda")
         self.saves = checkpoint.AsyncSaves() if recipe.checkpoint.async_enabled(derived.device) else None
         self._build()
@@ -191,8 +192,12 @@ class Trainer:
         self.finish_saves()
         saved = self.last_saved
         if not (saved and saved[0] == self.state.step):
-            self.save_checkpoint()
-            self.finish_saves()
+            self.switching = True
+            try:
+                self.save_checkpoint()
+                self.finish_saves()
+            finally:
+                self.switching = False
         path = self.last_saved[1]
         t1 = time.perf_counter()
         self._teardown_model()

@@ -1,4 +1,4 @@
-"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, and a free loopback port fixture."""
+"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, a free port, a 1-process gloo group."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory):
+    """A 1-process gloo group, as the trainer has after init (left alone if one already exists)."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        store = tmp_path_factory.mktemp("pg") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""PNG plots beside the run at the end of training (and at every checkpoint, so a long run shows them)."""
+"""PNG plots beside the run at the end of training (and at every checkpoint but a layout switch's, so a long
+run shows them)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ class Plots(Callback):
             plot_run(metrics, self.run_dir / "plots")
 
     def on_checkpoint_saved(self, trainer: Trainer, path: str) -> None:
-        self._draw()
+        # Not at a layout switch's checkpoint: rank 0 drawing (seconds of matplotlib) would hold every rank
+        # at the switch's next collective; the next checkpoint or the end of training draws.
+        if not trainer.switching:
+            self._draw()
 
     def on_train_end(self, trainer: Trainer) -> None:
         self._draw()

@@ -76,18 +76,6 @@ def dataset(files, tok, tmp_path_factory):
     return prefix, stats
 
 
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory):
-    """A 1-process gloo group, as the trainer has after init (left alone if one already exists)."""
-    created = not dist.is_initialized()
-    if created:
-        store = tmp_path_factory.mktemp("pg") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
 def _lengths(prefix) -> np.ndarray:
     # Copy while the IndexedDataset lives: its arrays view an mmap that its __del__ closes.
     ds = IndexedDataset(str(prefix))
