@@ -3,11 +3,18 @@
 ``filesystem_async._get_write_results_queue`` starts a *spawn* multiprocessing Manager on first save.
 Spawn re-imports ``__main__``, which re-runs an unguarded training script and deadlocks the save, and
 costs 1-2 s per process even when guarded. A fork-context Manager queue, created once, avoids both.
+
+The Manager ignores SIGTERM and SIGINT: Slurm's time-limit signal (``scancel --signal=TERM``, what
+``ramp.sbatch`` sends) reaches every process of the job step, and a Manager that died of it took the
+queue from the checkpoint the worker then saves. It still dies with its worker (``runlock`` gives every
+process a worker forks ``PR_SET_PDEATHSIG`` SIGKILL).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
+from multiprocessing.managers import SyncManager
 
 from patches import Patch
 
@@ -18,15 +25,23 @@ def _needed() -> bool:
     return hasattr(filesystem_async, "_results_queue") and filesystem_async._results_queue is None
 
 
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _apply() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=_ignore_stop_signals)
+    filesystem_async._results_queue = manager.Queue()
 
 
 PATCH = Patch(
     name="async_save_queue",
-    fixes="spawn Manager in dist_checkpointing save re-imports __main__ (deadlock, slow saves)",
+    fixes="spawn Manager in dist_checkpointing save re-imports __main__ (deadlock, slow saves); "
+    "a SIGTERM to the job step killed it before the save at SIGTERM",
     versions=">=0.16,<0.20",
     cpu_only=False,
     apply_fn=_apply,

@@ -564,6 +564,14 @@ for p in patches.all_patches():
         p.apply()
 queue = filesystem_async._get_write_results_queue()
 print("QUEUE", type(queue).__name__, flush=True)
+# Slurm's time-limit signal, as scancel --signal=TERM delivers it: to every process of the job step, the
+# Manager serving the save's queue included. The worker (this script) handles it and checkpoints.
+import signal, time
+signal.signal(signal.SIGTERM, lambda *_: None)
+os.killpg(os.getpgrp(), signal.SIGTERM)
+time.sleep(0.5)
+queue.put("written")
+print("AFTER SIGTERM", queue.get(timeout=10), flush=True)
 """
 
 

@@ -299,6 +299,9 @@ def test_async_save_queue(scenario):
     assert after["returncode"] == 0 and not after["timed_out"], after
     assert after["marker_lines"] == 1, after
     assert "QUEUE AutoProxy[Queue]" in after["stdout"], after
+    # The queue's Manager outlives a SIGTERM sent to the whole job (Slurm's time limit): the save at
+    # SIGTERM still has its results queue.
+    assert "AFTER SIGTERM written" in after["stdout"], after
 
 
 # ------------------------------------------------------------------------------------ registry, apply_all
