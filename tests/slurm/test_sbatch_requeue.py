@@ -34,6 +34,7 @@ NPROC = 2
 # every 30 s), lands mid-run on an idle 2-core machine (~0.15 s a step, ~0.3 s beside the reference run);
 # on a loaded one the first start just stops at an earlier step.
 STEPS = 300
+FIRST_STEPS = 10  # the first start trains at least these steps before the time limit is shortened
 SETS = [*TINY, f"training.train_steps={STEPS}", "checkpoint.interval=0"]
 LEAD_S = 120  # --signal lead time: slurmctld signals once fewer than LEAD_S + 30 s remain
 JOB_TIMEOUT_S = 1800
@@ -77,15 +78,16 @@ def _submit(cluster: slurm_cluster.Cluster, run_dir: Path, out: Path) -> str:
 
 
 def _follow(cluster: slurm_cluster.Cluster, job_id: str, run_dir: Path, out: Path) -> dict[str, str]:
-    """Wait for the job to end, moving its time limit: shortened once training runs, so that the limit's
-    signal comes within 30 s; lengthened once the job has requeued itself. The job's final record."""
+    """Wait for the job to end, moving its time limit: shortened once FIRST_STEPS steps are trained, so
+    that the limit's signal comes within 30 s; lengthened once the job has requeued itself. The job's
+    final record."""
     shortened = lengthened = False
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         job = cluster.job(job_id)
         if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return job
-        if not shortened and job["JobState"] == "RUNNING" and read_metrics(run_dir)[0]:
+        if not shortened and job["JobState"] == "RUNNING" and len(read_metrics(run_dir)[0]) >= FIRST_STEPS:
             # Training runs (ramp's SIGTERM handler is in place). From now on fewer than LEAD_S + 30 s
             # are left, so slurmctld's next time-limit check signals the batch shell; the limit itself
             # is over 60 s away: time to checkpoint.
@@ -125,7 +127,7 @@ def test_time_limit_signal_requeues_and_the_job_resumes_bitwise(cluster, tmp_pat
     stopped = {int(k) for k in re.findall(r"ramp: rank \d: stopping after step (\d+)", text)}
     assert len(stopped) == 1, f"the signal never stopped the first start (raise STEPS?):\n{text[-6000:]}"
     k = stopped.pop()
-    assert 0 < k < STEPS, f"the signal did not land mid-run (step {k} of {STEPS})"
+    assert FIRST_STEPS <= k < STEPS, f"the signal did not land mid-run (step {k} of {STEPS})"
     assert (
         job["Restarts"] == "1" and text.count(f"ramp: requeueing job {job_id} (time limit; restart 0)") == 1
     )
