@@ -31,12 +31,19 @@ DEMO_NPROC ?= 2
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test lint format clean
+.PHONY: help setup demo test test-slurm lint format clean
+
+# pytest with PYTEST_ARGS after $(1); exit 5 (no test collected) fails: a suite that ran nothing must not pass.
+define pytest
+echo "$(BIN)/python -m pytest $(1) $(PYTEST_ARGS)"; rc=0; $(BIN)/python -m pytest $(1) $(PYTEST_ARGS) || rc=$$?; \
+if (( rc == 5 )); then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+endef
 
 help:
 	@echo "make setup   create $(VENV) and install ramp (torch $(TORCH_VERSION), deepspeed $(DEEPSPEED_VERSION))"
 	@echo "make demo    train $(DEMO_RECIPE) on $(DEMO_NPROC) processes through the DeepSpeed launcher, then plot"
 	@echo "make test    ruff check, ruff format --check, pytest (PYTEST_ARGS='-m \"not dist\"' to narrow)"
+	@echo "make test-slurm  install and start Slurm on this machine (root, apt-get), run the sbatch template's test"
 	@echo "make lint    ruff check + format check;  make format   apply ruff format and fixes"
 	@echo "make clean   remove caches and build leftovers (keeps $(VENV) and runs/)"
 
@@ -64,9 +71,19 @@ demo: setup
 test: setup
 	$(RUFF) check .
 	$(RUFF) format --check .
-	@# pytest exits 5 when it collected no test: a suite that ran nothing must not pass.
-	@echo "$(BIN)/python -m pytest $(PYTEST_ARGS)"; rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
-	if (( rc == 5 )); then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	@$(call pytest,)
+
+# Debian's slurm-wlm and munge (installed here if missing), started by the test itself in a private state
+# directory (tests/slurm_cluster.py); the test skips, saying why, where they cannot start.
+test-slurm: setup
+	@if ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then \
+		if (( EUID == 0 )) && command -v apt-get >/dev/null; then \
+			echo "installing slurm-wlm and munge"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge \
+			|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge; }; \
+		else echo "slurm-wlm is not installed and this is not root with apt-get: the test will skip"; fi; \
+	fi
+	@$(call pytest,-m slurm tests/slurm)
 
 lint: setup
 	$(RUFF) check .

@@ -1,4 +1,5 @@
-"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, a free port, a 1-process gloo group."""
+"""Shared test plumbing, kept minimal: skip `gpu` tests without CUDA, `slurm` tests unless selected; a free
+loopback port and a 1-process gloo group."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from ramp_run import free_port
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A slurm test starts daemons as root and trains for minutes: only `make test-slurm` (-m slurm) runs it.
+    if "slurm" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="starts a Slurm cluster on this machine: run `make test-slurm`")
+        for item in items:
+            if item.get_closest_marker("slurm"):
+                item.add_marker(skip)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

@@ -476,18 +476,25 @@ def test_plain_pytest_collects_the_dist_tests(pytestconfig: pytest.Config):
 
 
 def test_sbatch_template_forwards_the_time_limit_signal_and_requeues(tmp_path: Path):
-    """Slurm's B:TERM before the time limit reaches the job step, and the job requeues itself."""
+    """Slurm's B:TERM before the time limit reaches the job step through scancel (srun would take a
+    SIGTERM as "kill the step now"), and the job requeues itself. tests/slurm runs this under Slurm."""
     env = _fake_slurm(tmp_path)
-    calls = tmp_path / "calls"
+    calls, step_pid = tmp_path / "calls", tmp_path / "step.pid"
     (tmp_path / "bin" / "scontrol").write_text(
         '#!/bin/bash\nif [[ $1 == requeue ]]; then echo "$@" >>'
         + f"{calls}"
         + '; else printf "node-a\\n"; fi\n'
     )
+    # scancel: records its arguments and delivers the signal to the job step, as slurmstepd would.
+    (tmp_path / "bin" / "scancel").write_text(
+        f'#!/bin/bash\necho scancel "$@" >>{calls}\nkill -TERM "$(cat {step_pid})"\n'
+    )
     # The job step: records that it got SIGTERM (ramp would checkpoint and exit 0 here).
     (tmp_path / "bin" / "srun").write_text(
-        f"#!/bin/bash\ntrap 'echo step-got-TERM >>{calls}; exit 0' TERM\nwhile true; do sleep 0.1; done\n"
+        f"#!/bin/bash\necho $$ >{step_pid}\ntrap 'echo step-got-TERM >>{calls}; exit 0' TERM\n"
+        "while true; do sleep 0.1; done\n"
     )
+    (tmp_path / "bin" / "scancel").chmod(0o755)
     proc = subprocess.Popen(
         ["bash", str(SBATCH), "moe-tiny"],
         env=env,
@@ -499,5 +506,9 @@ def test_sbatch_template_forwards_the_time_limit_signal_and_requeues(tmp_path: P
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
-    assert calls.read_text().splitlines() == ["step-got-TERM", "requeue 4242"], out
+    assert calls.read_text().splitlines() == [
+        "scancel --signal=TERM 4242",
+        "step-got-TERM",
+        "requeue 4242",
+    ], out
     assert "requeueing job 4242 (time limit" in out
