@@ -17,12 +17,14 @@ phases as DP2, so every schedule that grows switches layout in the same processe
 seeds differ by ~2% at this scale.
 
     python benchmarks/batch_warmup.py [--seeds 0 1 2] [--runs small warmup ...]
+    python benchmarks/batch_warmup.py --switch-probe   # the layout switch alone, ~5 minutes
 
 Writes ``benchmarks/results/batch_warmup.json`` (``steps``, ``final_loss``: run -> list over that run's
 ``seeds``; every run this code version has cached is reported, and each schedule is compared with ``small``
 on the seeds both have (a schedule counts for ``steps_saved_frac`` only with every seed ``small`` has);
 ``steps_saved_frac``, ``switch_time_s``, ``switch_time_steps``) and ``batch_warmup.png``. Finished runs are
-cached under ``results/batch_warmup_runs/`` by code version and overrides.
+cached under ``results/batch_warmup_runs/`` by code version and overrides. ``--switch-probe`` times the
+switch alone (three short runs) into ``results/batch_warmup_switch.json``.
 """
 
 from __future__ import annotations
@@ -249,15 +251,64 @@ def plot(results: dict[str, dict[int, dict]], seed: int, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def switch_probe(work: Path, version: str, repeats: int = 3) -> dict:
+    """The switch alone, quickly: ``BASE`` for 70 steps (40 at 8 sequences as PP2, then 16 as DP2), run
+    ``repeats`` times; the median switch against the median step of the same runs (seconds 5.. of each
+    phase, past the warm-up steps)."""
+    cut = 40 * 8 * SEQ
+    sets = [s for s in BASE if not s.startswith(("training.train_tokens", "schedule.", "training.eval_"))]
+    sets += [
+        f"training.train_tokens={cut + 30 * 16 * SEQ}",
+        "schedule.warmup_tokens=0",
+        "schedule.warmup_frac=null",
+        "training.eval_interval=0",
+        "training.log_interval=1",
+        f"optimizer.lr={LR}",
+        "batch_schedule.kind=steps",
+        f"batch_schedule.steps=[[{cut}, 16]]",
+    ]
+    switches, steps = [], []
+    for i in range(repeats):
+        run = run_ramp(work / f"switch-{i}", sets, nproc=2, base=[], timeout=3600).check()
+        recs = sorted(run.train, key=lambda r: r["step"])
+        switches += [r for r in recs if "switch_time_s" in r]
+        steps += [r["step_time"] for r in recs[5:40]] + [r["step_time"] for r in recs[45:]]
+    switch_s = statistics.median(r["switch_time_s"] for r in switches)
+    step_s = statistics.median(steps)
+    return {
+        "code_version": version,
+        "runs": repeats,
+        "switch_time_s": switch_s,
+        "median_step_time_s": step_s,
+        "switch_time_steps": switch_s / step_s,
+        "switch_parts_s": {
+            part: statistics.median(r[f"switch_{part}_s"] for r in switches)
+            for part in ("save", "teardown", "rebuild", "load")
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], choices=range(10))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary one)")
+    ap.add_argument(
+        "--switch-probe",
+        action="store_true",
+        help="only time the layout switch (3 short runs, ~5 minutes): results/batch_warmup_switch.json",
+    )
     args = ap.parse_args(argv)
     import tempfile
 
     version = code_version(CODE_PATHS)
+    if args.switch_probe:
+        with tempfile.TemporaryDirectory(prefix="batch_warmup-") as tmp:
+            probe = switch_probe(args.work or Path(tmp), version)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "batch_warmup_switch.json").write_text(json.dumps(probe, indent=1))
+        print(json.dumps(probe, indent=1))
+        return 0
     # Every run this code already made is in the report, also those of seeds or runs not asked for now.
     results: dict[str, dict[int, dict]] = {
         n: {s: json.loads(p.read_text()) for s in range(10) if (p := cache_path(n, s, version)).exists()}
