@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,8 +115,44 @@ def make_spec(args: argparse.Namespace, train_args: list[str], gpus: int) -> Lau
     )
 
 
+STOP_GRACE_S = 120.0  # how long workers that outlive the launcher may take to finish (their save at SIGTERM)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in group ``pgid``: orphaned zombies may wait for an
+    init that never reaps them."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+    return False
+
+
+def _stop_group(pgid: int, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM what is left of the group and wait for it to exit (a worker stopped by SIGTERM is writing
+    its checkpoint); SIGKILL it after ``grace_s``. DeepSpeed's runner returns about a second after it
+    forwards SIGTERM while its workers still save: a job step that ended then (Slurm's cgroup tracking,
+    ``--kill-on-bad-exit``) would kill them mid-save."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            print(
+                f"ramp-launch: workers still running {grace_s:.0f} s after SIGTERM: killing them",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
 def run(cmd: list[str], env: dict[str, str]) -> int:
-    """Run ``cmd`` as the leader of its own process group; forward signals to the group; reap leftovers."""
+    """Run ``cmd`` as the leader of its own process group; forward signals to the group; stop leftovers
+    and wait for them (:func:`_stop_group`) before returning."""
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
@@ -128,9 +165,9 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        # Workers that outlived the launcher (it died first, say) must not keep training.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
+        # Workers that outlived the launcher (it died first, say) must not keep training, and a worker
+        # that is saving at SIGTERM must finish before this returns.
+        _stop_group(child.pid)
     return 128 - rc if rc < 0 else rc
 
 

@@ -375,6 +375,44 @@ def test_run_returns_exit_code_and_reaps_leftover_workers(tmp_path: Path):
     assert not alive, "the orphaned worker survived ramp-launch"
 
 
+def test_run_waits_for_workers_that_save_after_the_launcher_returned(tmp_path: Path):
+    """DeepSpeed's runner exits about a second after it forwards SIGTERM while its workers still write
+    their checkpoint: ramp-launch returns only once they are done."""
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    worker = (
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(2)\n"
+        f"    pathlib.Path({str(saved)!r}).write_text('ok')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    runner = (  # returns at once on SIGTERM, leaving its worker to finish
+        "import signal, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}])\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    launch = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, sys; from launcher.launch.cli import run; "
+            f"sys.exit(run([sys.executable, '-c', {runner!r}], dict(os.environ)))",
+        ],
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the worker never started"
+    launch.send_signal(signal.SIGTERM)
+    assert launch.wait(timeout=60) == 0
+    assert saved.exists(), "ramp-launch returned while its worker was still saving"
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
