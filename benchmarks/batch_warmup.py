@@ -253,8 +253,8 @@ def plot(results: dict[str, dict[int, dict]], seed: int, path: Path) -> None:
 
 def switch_probe(work: Path, version: str, repeats: int = 3) -> dict:
     """The switch alone, quickly: ``BASE`` for 70 steps (40 at 8 sequences as PP2, then 16 as DP2), run
-    ``repeats`` times; the median switch against the median step of the same runs (seconds 5.. of each
-    phase, past the warm-up steps)."""
+    ``repeats`` times; the median switch against the median step of the same runs (steps 6-40 and 46-70,
+    past each phase's first steps)."""
     cut = 40 * 8 * SEQ
     sets = [s for s in BASE if not s.startswith(("training.train_tokens", "schedule.", "training.eval_"))]
     sets += [

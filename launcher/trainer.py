@@ -189,15 +189,15 @@ class Trainer:
         is completed first: its writers and its finalisation use the old layout's process groups."""
         times = SwitchTimes()
         t0 = time.perf_counter()
-        self.finish_saves()
-        saved = self.last_saved
-        if not (saved and saved[0] == self.state.step):
-            self.switching = True
-            try:
+        self.switching = True  # also for a pending save completed here
+        try:
+            self.finish_saves()
+            saved = self.last_saved
+            if not (saved and saved[0] == self.state.step):
                 self.save_checkpoint()
                 self.finish_saves()
-            finally:
-                self.switching = False
+        finally:
+            self.switching = False
         path = self.last_saved[1]
         t1 = time.perf_counter()
         self._teardown_model()

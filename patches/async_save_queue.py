@@ -6,8 +6,8 @@ costs 1-2 s per process even when guarded. A fork-context Manager queue, created
 
 The Manager ignores SIGTERM and SIGINT: Slurm's time-limit signal (``scancel --signal=TERM``, what
 ``ramp.sbatch`` sends) reaches every process of the job step, and a Manager that died of it took the
-queue from the checkpoint the worker then saves. It still dies with its worker (``runlock`` gives every
-process a worker forks ``PR_SET_PDEATHSIG`` SIGKILL).
+queue from the checkpoint the worker then saves. It still dies with its worker (``PR_SET_PDEATHSIG``
+SIGKILL, ``runlock.kill_me_with_parent``); SIGINT it already ignores (CPython's manager server does).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def _needed() -> bool:
 
 
 def _ignore_stop_signals() -> None:
+    from launcher.runlock import kill_me_with_parent
+
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kill_me_with_parent()  # also where no launcher registered it at fork (plain python, srun, tools)
 
 
 def _apply() -> None:

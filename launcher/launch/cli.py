@@ -115,7 +115,9 @@ def make_spec(args: argparse.Namespace, train_args: list[str], gpus: int) -> Lau
     )
 
 
-STOP_GRACE_S = 120.0  # how long workers that outlive the launcher may take to finish (their save at SIGTERM)
+# A backstop for workers that outlive the launcher: DeepSpeed's launch.py and torchrun SIGKILL their
+# workers 30 s after SIGTERM, so a save at SIGTERM must fit in those 30 s.
+STOP_GRACE_S = 120.0
 
 
 def _group_alive(pgid: int) -> bool:
@@ -132,8 +134,8 @@ def _group_alive(pgid: int) -> bool:
 
 def _stop_group(pgid: int, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM what is left of the group and wait for it to exit (a worker stopped by SIGTERM is writing
-    its checkpoint); SIGKILL it after ``grace_s``. DeepSpeed's runner returns about a second after it
-    forwards SIGTERM while its workers still save: a job step that ended then (Slurm's cgroup tracking,
+    its checkpoint); SIGKILL it after ``grace_s``. DeepSpeed's runner (single node, ``--no_ssh``) dies of
+    SIGTERM at once while its workers still save: a job step that ended then (Slurm's cgroup tracking,
     ``--kill-on-bad-exit``) would kill them mid-save."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
@@ -162,12 +164,12 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = child.wait()
+        # Workers that outlived the launcher (it died first, say) must not keep training, and a worker
+        # that is saving at SIGTERM must finish before this returns (signals are still forwarded meanwhile).
+        _stop_group(child.pid)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        # Workers that outlived the launcher (it died first, say) must not keep training, and a worker
-        # that is saving at SIGTERM must finish before this returns.
-        _stop_group(child.pid)
     return 128 - rc if rc < 0 else rc
 
 
