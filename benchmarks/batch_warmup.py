@@ -51,6 +51,7 @@ CODE_PATHS = cache.MOE_TINY_CODE
 SEQ = 256
 TOKENS = 2_457_600  # 1,200 steps of 8 sequences; every phase boundary below is a multiple of 64 sequences
 LR = 2e-3  # at 8 sequences (calibration.md's sweep optimum)
+SEEDS = range(10)  # the seeds a run may have (the report reads every one the cache holds)
 
 
 def frac(f: float) -> int:
@@ -99,13 +100,17 @@ RUNS: dict[str, list[str]] = {
 }
 
 
+def run_sets(name: str, seed: int) -> list[str]:
+    return [*BASE, *RUNS[name], f"training.seed={seed}"]
+
+
 def cache_path(name: str, seed: int, version: str) -> Path:
-    return CACHE / f"{name}-s{seed}-{run_key([*BASE, *RUNS[name], f'training.seed={seed}'], version)}.json"
+    return CACHE / f"{name}-s{seed}-{run_key(run_sets(name, seed), version)}.json"
 
 
 def train(name: str, seed: int, version: str, work: Path) -> dict:
     """One run (from the cache when this code already ran it): its steps, losses, times and switches."""
-    sets = [*BASE, *RUNS[name], f"training.seed={seed}"]
+    sets = run_sets(name, seed)
     cached = cache_path(name, seed, version)
     if cached.exists():
         return json.loads(cached.read_text())
@@ -290,7 +295,7 @@ def switch_probe(work: Path, version: str, repeats: int = 3) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], choices=range(10))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], choices=SEEDS)
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary one)")
     ap.add_argument(
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Every run this code already made is in the report, also those of seeds or runs not asked for now.
     results: dict[str, dict[int, dict]] = {
-        n: {s: json.loads(p.read_text()) for s in range(10) if (p := cache_path(n, s, version)).exists()}
+        n: {s: json.loads(p.read_text()) for s in SEEDS if (p := cache_path(n, s, version)).exists()}
         for n in RUNS
     }
     with tempfile.TemporaryDirectory(prefix="batch_warmup-") as tmp:
@@ -329,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
                 out = report(results, version)
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 (RESULTS / "batch_warmup.json").write_text(json.dumps(out, indent=1))
-    out = report(results, version)
-    (RESULTS / "batch_warmup.json").write_text(json.dumps(out, indent=1))
     seeds = sorted({s for runs in results.values() for s in runs})
     plot(results, seeds[0], RESULTS / "batch_warmup.png")
     print(f"\n{'run':8s} " + " ".join(f"{'seed ' + str(s):>22s}" for s in seeds))

@@ -6,9 +6,10 @@ their own TCP ports, and every client command finds the cluster through ``SLURM_
 The node is this host with 2 CPUs and no GPUs; proctrack/linuxproc and task/none need neither cgroups
 nor systemd, so it runs in a container. ``make test-slurm`` installs the packages (apt-get, as root).
 
-    with local_cluster() as cluster:      # SlurmUnavailable (with the reason) where it cannot start
-        job = cluster.sbatch(["--time=5", "script.sh"], cwd=repo, env=cluster.env)
-        cluster.job(job)["JobState"]
+    cluster = start()                     # SlurmUnavailable (with the reason) where it cannot start
+    job = cluster.sbatch(["--time=5", "script.sh"], cwd=repo, env=cluster.env)
+    cluster.job(job)["JobState"]
+    cluster.stop()
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,12 +211,3 @@ def start(cpus: int = 2) -> Cluster:
         cluster.stop()
         raise SlurmUnavailable(f"{e}\n{logs}") from e
     return cluster
-
-
-@contextlib.contextmanager
-def local_cluster(cpus: int = 2) -> Iterator[Cluster]:
-    cluster = start(cpus)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
