@@ -6,16 +6,17 @@ control under WSD (issue 15).
    LR held, read-off on the fixed validation set, branch length from the noise floor), stopping at the first
    failure. The CBS curve is fitted per seed (laws/cbs.py). Shape check: the first fork at the low edge (CBS
    near 0), a rise, and the fitted plateau reached inside the run; seeds agree within 2x at every fork.
-2. **Probe-driven run**: kind=cbs with the seed's read-offs, each held from its fork until the next (a step
-   table: only what had been measured by then), growth to ``CBS_FRACTION`` of the CBS and capped at
-   ``MAX_BATCH`` (calibration.md: under WSD, growing to the full CBS early lost 1.06% to the small control),
-   against the small control at equal tokens. NOTE: the decisions are those online mode would take at
-   the same probe points, applied in a second run; the in-job online callback is not built yet.
-3. **Cost**: probe tokens / main-run tokens here, and projected for moe-1b-a0.2b by the same rules (forks,
-   branches until the first failure, branch length from the noise floor with a floor of ``min_steps`` steps
-   of the largest branch).
+2. **Online run**: the same WSD run with online probes (``probes:`` at the same fork points,
+   ``batch_schedule: {kind: cbs, cbs_source: probes}``): at each fork the run pauses, branches from itself,
+   and grows its batch by the doubling rule on the newest read-off, to ``CBS_FRACTION`` of the CBS and at
+   most ``MAX_BATCH`` (calibration.md: under WSD, growing to the full CBS early lost 1.06% to the small
+   control); against the small control at equal tokens.
+3. **Cost**: the online run's branch tokens / its own tokens (``probe_cost_frac``), the curve's, and
+   projected for moe-1b-a0.2b by the same rules (forks, branches until the first failure, branch length from
+   the noise floor with a floor of ``min_steps`` steps of the largest branch).
 
     python benchmarks/cbs_curve.py [--seeds 0 1] [--online-seeds 0 1 2]
+    python benchmarks/cbs_curve.py --seeds --online-seeds 0      # the online run and its control only
     python benchmarks/cbs_curve.py --tiny --out /tmp/cbs_tiny      # a minutes-long check of the pipeline
 
 Writes ``benchmarks/results/cbs_curve.json`` (``tokens``, ``cbs``: lists per seed; ``probe_cost_frac``;
@@ -48,18 +49,21 @@ from launcher.probes import ProbeConfig, budget_tokens, fit_and_plot, run_fork  
 
 RESULTS = ROOT / "benchmarks" / "results"
 CODE_PATHS = (*cache.MOE_TINY_CODE, "benchmarks/cbs_curve.py")
-FORK_FRACS = (0.02, 0.08, 0.20, 0.40, 0.55, 0.70)  # >= 6 points, dense early (the CBS rises fast)
+# >= 6 points, dense early (the CBS rises fast): a geometric grid, which the online run's probes: takes
+FIRST_FORK, FORK_GROWTH = 0.02, 2.0
+FORK_FRACS = tuple(FIRST_FORK * FORK_GROWTH**i for i in range(6))  # 0.02 ... 0.64
 CBS_FRACTION, MAX_BATCH = 0.5, 32
 
 
 def sizes(tiny: bool) -> dict:
     if tiny:  # the test model: 16 x 64-token sequences per step, 24 steps, two forks, k = 1, 2
         return {
-            "base": [*TINY, "training.eval_samples=16"],
+            "base": [*TINY, "training.eval_samples=16", "training.eval_interval=6"],
             "seq": 64,
             "batch": 16,
             "steps": 24,
             "forks": (0.25, 0.5),
+            "first_fork": 0.25,
             "ks": [1, 2],
             "wsd": ["schedule.style=wsd", "schedule.warmup_tokens=1024", "schedule.decay.start_frac=0.8"],
             "probe": {"budget_tokens": 4096, "evals": 2},
@@ -79,6 +83,7 @@ def sizes(tiny: bool) -> dict:
         "batch": 8,
         "steps": 1200,  # 2.46 M tokens, calibration.md's run
         "forks": FORK_FRACS,
+        "first_fork": FIRST_FORK,
         "ks": list(cbs_law.DEFAULT_MULTIPLIERS),
         "wsd": ["schedule.style=wsd", "schedule.warmup_frac=0.02", "schedule.decay.start_frac=0.8"],
         "probe": {},
@@ -86,20 +91,23 @@ def sizes(tiny: bool) -> dict:
     }
 
 
-def main_sets(sz: dict, seed: int, fork_steps: list[int]) -> list[str]:
-    interval = math.gcd(*fork_steps)
-    return [
+def main_sets(sz: dict, seed: int, fork_steps: list[int] | None = None) -> list[str]:
+    """The small-batch control; with ``fork_steps``, checkpointed at every fork."""
+    tokens = sz["steps"] * sz["batch"] * sz["seq"]
+    sets = [
         *sz["base"],
         *sz["wsd"],
         f"training.global_batch_size={sz['batch']}",
-        "training.train_tokens=null",
-        f"training.train_steps={sz['steps']}",
+        "training.train_steps=null",
+        f"training.train_tokens={tokens}",  # in tokens: the online run's batch changes
         f"training.seed={seed}",
         "optimizer.lr=2e-3",
-        f"checkpoint.interval={interval}",
-        f"checkpoint.keep_last={sz['steps'] // interval + 1}",
         "checkpoint.checksums=false",
     ]
+    if fork_steps:
+        interval = math.gcd(*fork_steps)
+        sets += [f"checkpoint.interval={interval}", f"checkpoint.keep_last={sz['steps'] // interval + 1}"]
+    return sets
 
 
 def cached(cache: Path, name: str, sets: list[str], version: str, fn) -> dict:
@@ -143,33 +151,67 @@ def curve(sz: dict, seed: int, work: Path, cache: Path, version: str) -> dict:
     return cached(cache, f"curve-s{seed}", [*sets, json.dumps(sz["probe"]), str(sz["ks"])], version, go)
 
 
-def probed_run(sz: dict, seed: int, forks: list[dict], work: Path, cache: Path, version: str) -> dict:
-    """WSD run whose batch follows the seed's read-offs as they became available (a step table)."""
-    rows = []
-    for i, f in enumerate(forks):
-        if f.get("cbs") is None:
-            continue
-        rows.append([f["tokens"], f["cbs"]])
-        nxt = forks[i + 1]["tokens"] - 1 if i + 1 < len(forks) else None
-        if nxt is not None and nxt > f["tokens"]:
-            rows.append([nxt, f["cbs"]])
+def small_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> dict:
+    """The small-batch control alone (for an online seed without a curve: the curve's main run is it)."""
+    sets = main_sets(sz, seed)
+
+    def go() -> dict:
+        run = run_ramp(work / f"small-s{seed}", sets, nproc=sz["nproc"], base=[], timeout=6 * 3600).check()
+        return {"small_steps": run.train[-1]["step"], "small_final_loss": run.evals[-1]["val_loss"]}
+
+    return cached(cache, f"small-s{seed}", sets, version, go)
+
+
+def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> dict:
+    """The control's run with online probes driving its batch (the probes: section, in the same job)."""
+    tokens = sz["steps"] * sz["batch"] * sz["seq"]
     b0 = sz["batch"]
-    rows = [[0, min(rows[0][1], 2 * b0 / CBS_FRACTION)] if rows else [0, b0], *rows]
     cap = b0 * 2 ** max(0, round(math.log2(max(MAX_BATCH, b0) / b0)))
+    probe = {"budget_tokens": None, "evals": 6, **sz["probe"]}
     sets = [
-        *main_sets(sz, seed, [sz["steps"]]),
+        *main_sets(sz, seed),
         "batch_schedule.kind=cbs",
-        f"batch_schedule.cbs_table={json.dumps(rows)}",
+        "batch_schedule.cbs_source=probes",
         f"batch_schedule.cbs_fraction={CBS_FRACTION}",
         f"batch_schedule.max_batch={cap}",
+        f"probes.first_tokens={round(sz['first_fork'] * tokens)}",
+        f"probes.growth={FORK_GROWTH}",
+        f"probes.multipliers={json.dumps(sz['ks'])}",
+        f"probes.nproc={sz['nproc']}",
+        f"probes.budget_tokens={json.dumps(probe['budget_tokens'])}",
+        f"probes.evals={probe['evals']}",
         "checkpoint.save_at_exit=false",
     ]
 
     def go() -> dict:
-        run = run_ramp(work / f"probed-s{seed}", sets, nproc=sz["nproc"], base=[], timeout=6 * 3600).check()
-        return {"steps": run.train[-1]["step"], "final_loss": run.evals[-1]["val_loss"], "cbs_table": rows}
+        run = run_ramp(work / f"online-s{seed}", sets, nproc=sz["nproc"], base=[], timeout=8 * 3600).check()
+        records = [
+            json.loads(ln) for ln in (run.run_dir / "probes" / "probes.jsonl").read_text().splitlines()
+        ]
+        last = run.train[-1]
+        return {
+            "steps": last["step"],
+            "final_loss": run.evals[-1]["val_loss"],
+            "probe_tokens": last["probe_tokens"],
+            "probe_cost_frac": last["probe_cost_frac"],
+            "main_tokens": last["tokens"],
+            "batches": [[0, b0]]
+            + [[r["tokens"], r["batch_after"]] for r in records if r["batch_after"] != r["batch_before"]],
+            "forks": [
+                {
+                    k: r.get(k)
+                    for k in ("tokens", "step", "cbs", "cbs_upper", "edge", "batch_before", "batch_after")
+                }
+                | {
+                    "losses": [b["loss"] for b in r.get("branches", [])],
+                    "n_branches": len(r.get("branches", [])),
+                    "seconds": r.get("seconds"),
+                }
+                for r in records
+            ],
+        }
 
-    return cached(cache, f"probed-s{seed}", sets, version, go)
+    return cached(cache, f"online-s{seed}", sets, version, go)
 
 
 def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float) -> dict:
@@ -195,87 +237,106 @@ def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--online-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of the CBS curve")
+    ap.add_argument("--online-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the online run")
     ap.add_argument("--tiny", action="store_true", help="the test model, minutes: checks the pipeline only")
     ap.add_argument("--out", type=Path, default=None, help="results directory (--tiny: required)")
     args = ap.parse_args(argv)
     if args.tiny and args.out is None:
         ap.error("--tiny writes nowhere near benchmarks/results: give --out DIR")
+    if not (args.seeds or args.online_seeds):
+        ap.error("give --seeds and/or --online-seeds")
     out = args.out or RESULTS
     sz = sizes(args.tiny)
     version = code_version(CODE_PATHS)
     cache = out / ("cbs_curve_runs_tiny" if args.tiny else "cbs_curve_runs")
     work = Path(tempfile.mkdtemp(prefix="cbs_curve_"))
-    seeds = sorted(set(args.seeds) | set(args.online_seeds))
-    curves = {s: curve(sz, s, work, cache, version) for s in seeds}
-    online = {s: probed_run(sz, s, curves[s]["forks"], work, cache, version) for s in args.online_seeds}
-    first = [curves[s]["forks"][0] for s in args.seeds]
-    fits = [curves[s]["fit"] for s in args.seeds]
-    agree = []
-    for i in range(len(sz["forks"])):
-        vals = [curves[s]["forks"][i]["cbs"] for s in args.seeds if curves[s]["forks"][i]["cbs"]]
-        agree.append(bool(vals) and max(vals) <= 2 * min(vals))
-    probe_cost = statistics.mean(curves[s]["probe_tokens"] / curves[s]["main_tokens"] for s in seeds)
-    branches = statistics.mean(len(f["branches"]) for s in seeds for f in curves[s]["forks"])
+    curves = {s: curve(sz, s, work, cache, version) for s in args.seeds}
+    small = {
+        s: curves[s] if s in curves else small_run(sz, s, work, cache, version) for s in args.online_seeds
+    }
+    online = {s: online_run(sz, s, work, cache, version) for s in args.online_seeds}
     cfg = ProbeConfig(multipliers=sz["ks"], **sz["probe"])
-    small = {s: (curves[s]["small_steps"], curves[s]["small_final_loss"]) for s in args.online_seeds}
-    steps_saved = [1 - online[s]["steps"] / small[s][0] for s in args.online_seeds]
-    result = {
-        "code_version": version,
-        "tiny": args.tiny,
-        "seeds": args.seeds,
-        "tokens": {str(s): [f["tokens"] for f in curves[s]["forks"]] for s in args.seeds},
-        "cbs": {str(s): [f["cbs"] for f in curves[s]["forks"]] for s in args.seeds},
-        "cbs_upper": {str(s): [f["cbs_upper"] for f in curves[s]["forks"]] for s in args.seeds},
-        "confidence": {str(s): [f["note"] for f in curves[s]["forks"]] for s in args.seeds},
-        "fit": {str(s): curves[s]["fit"] for s in args.seeds},
-        "branch_tokens": budget_tokens(cfg, read_fork_stub(sz)),
-        "probe_cost_frac": probe_cost,
-        "online": {
+    result: dict = {"code_version": version, "tiny": args.tiny, "seeds": args.seeds}
+    if curves:
+        agree = []
+        for i in range(len(sz["forks"])):
+            vals = [curves[s]["forks"][i]["cbs"] for s in args.seeds if curves[s]["forks"][i]["cbs"]]
+            agree.append(bool(vals) and max(vals) <= 2 * min(vals))
+        result |= {
+            "tokens": {str(s): [f["tokens"] for f in curves[s]["forks"]] for s in args.seeds},
+            "cbs": {str(s): [f["cbs"] for f in curves[s]["forks"]] for s in args.seeds},
+            "cbs_upper": {str(s): [f["cbs_upper"] for f in curves[s]["forks"]] for s in args.seeds},
+            "confidence": {str(s): [f["note"] for f in curves[s]["forks"]] for s in args.seeds},
+            "fit": {str(s): curves[s]["fit"] for s in args.seeds},
+            "curve_probe_cost_frac": statistics.mean(
+                curves[s]["probe_tokens"] / curves[s]["main_tokens"] for s in args.seeds
+            ),
+            "shape": {
+                "near_zero_at_start": all(curves[s]["forks"][0]["edge"] == "low" for s in args.seeds),
+                "plateau_inside_run": all(
+                    curves[s]["fit"] is not None
+                    and curves[s]["fit"]["params"]["tau"] < curves[s]["main_tokens"] / 2
+                    for s in args.seeds
+                ),
+                "seeds_within_2x": agree,
+            },
+        }
+    forks = [f for s in args.seeds for f in curves[s]["forks"]] + [
+        f for s in args.online_seeds for f in online[s]["forks"]
+    ]
+    branches = statistics.mean(len(f["branches"]) if "branches" in f else f["n_branches"] for f in forks)
+    result["branch_tokens"] = budget_tokens(cfg, read_fork_stub(sz))
+    result["projection_1b"] = projection_1b(cfg, len(sz["forks"]), branches)
+    goals: dict = {"projected 1B probe cost <= 0.02": result["projection_1b"]["probe_cost_frac"] <= 0.02}
+    if online:
+        seeds = args.online_seeds
+        steps_saved = [1 - online[s]["steps"] / small[s]["small_steps"] for s in seeds]
+        result["probe_cost_frac"] = statistics.mean(online[s]["probe_cost_frac"] for s in seeds)
+        result["online"] = {
+            "seeds": seeds,
             "steps": {
-                "probed": [online[s]["steps"] for s in args.online_seeds],
-                "small": [small[s][0] for s in args.online_seeds],
+                "probed": [online[s]["steps"] for s in seeds],
+                "small": [small[s]["small_steps"] for s in seeds],
             },
             "final_loss": {
-                "probed": [online[s]["final_loss"] for s in args.online_seeds],
-                "small": [small[s][1] for s in args.online_seeds],
+                "probed": [online[s]["final_loss"] for s in seeds],
+                "small": [small[s]["small_final_loss"] for s in seeds],
             },
-            "mode": "emulated: read-offs applied as they became available, in a second run (no callback yet)",
+            "steps_saved_frac": steps_saved,
+            "probe_cost_frac": [online[s]["probe_cost_frac"] for s in seeds],
+            "batches": {str(s): online[s]["batches"] for s in seeds},
+            "forks": {str(s): online[s]["forks"] for s in seeds},
+            "mode": "in-job: the probes: section forks from the run and its decisions set the batch",
             "cbs_fraction": CBS_FRACTION,
             "max_batch": MAX_BATCH,
-        },
-        "projection_1b": projection_1b(cfg, len(sz["forks"]), branches),
-        "shape": {
-            "near_zero_at_start": all(f["edge"] == "low" for f in first),
-            "plateau_inside_run": all(
-                f is not None and f["params"]["tau"] < curves[s]["main_tokens"] / 2
-                for s, f in zip(args.seeds, fits)
+        }
+        goals |= {
+            "steps_saved >= 55% on every seed": all(x >= 0.55 for x in steps_saved),
+            "final loss <= small on every seed": all(
+                online[s]["final_loss"] <= small[s]["small_final_loss"] for s in seeds
             ),
-            "seeds_within_2x": agree,
-        },
-    }
-    result["goals"] = {
-        "steps_saved >= 55% on every seed": all(x >= 0.55 for x in steps_saved),
-        "final loss <= small on every seed": all(
-            online[s]["final_loss"] <= small[s][1] for s in args.online_seeds
-        ),
-        "probe_cost_frac <= 0.25": probe_cost <= 0.25,
-        "projected 1B probe cost <= 0.02": result["projection_1b"]["probe_cost_frac"] <= 0.02,
-    }
+            "probe_cost_frac <= 0.25": result["probe_cost_frac"] <= 0.25,
+        }
+    result["goals"] = goals
     out.mkdir(parents=True, exist_ok=True)
     (out / "cbs_curve.json").write_text(json.dumps(result, indent=1))
-    print(f"{'seed':>4} {'tokens at fork':>40}  CBS (sequences)")
     for s in args.seeds:
-        print(f"{s:>4} {result['tokens'][str(s)]!s:>40}  {result['cbs'][str(s)]}")
-    proj = result["projection_1b"]["probe_cost_frac"]
-    print(f"probe cost {probe_cost:.3f} of the main run; 1B projection {proj:.4f}")
-    for s in args.online_seeds:
+        print(f"curve seed {s}: tokens {result['tokens'][str(s)]}  CBS {result['cbs'][str(s)]}")
+    if curves:
         print(
-            f"seed {s}: probed {online[s]['steps']} steps {online[s]['final_loss']:.4f} | "
-            f"small {small[s][0]} steps {small[s][1]:.4f}"
+            f"curve probe cost {result['curve_probe_cost_frac']:.3f} of its main run",
+            json.dumps(result["shape"]),
         )
-    print(json.dumps(result["shape"]), json.dumps(result["goals"]))
+    print(f"{'seed':>4} {'steps':>13} {'final val loss':>17} {'probe cost':>11}  batch (tokens: sequences)")
+    for s in args.online_seeds:
+        o, c = online[s], small[s]
+        print(
+            f"{s:>4} {o['steps']:>5} / {c['small_steps']:>5} "
+            f"{o['final_loss']:>8.4f} / {c['small_final_loss']:.4f} "
+            f"{o['probe_cost_frac']:>11.3f}  {o['batches']}"
+        )
+    print(f"1B projection {result['projection_1b']['probe_cost_frac']:.4f}", json.dumps(goals))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

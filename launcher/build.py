@@ -52,6 +52,7 @@ def build_trainer(
     batch phase that starts at ``start_tokens`` (where a resume continues)."""
     from launcher import gpu
     from launcher.callbacks.batch_size_schedule import BatchSizeSchedule
+    from launcher.callbacks.cbs_probes import CbsProbes
     from launcher.callbacks.checkpointing import Checkpointing
     from launcher.callbacks.loss_spikes import LossSpikes
     from launcher.callbacks.lr_schedule import LRSchedule
@@ -65,7 +66,13 @@ def build_trainer(
     if torch.distributed.get_rank() == 0:
         r.dump(run_dir / "config.yaml")
         (run_dir / "mup_table.json").write_text(table.to_json())
+    bs = r.batch_schedule
+    probes = []
+    if r.probes.online:  # first at a step start: its decision is the batch the batch callback then sets
+        drive = bs if bs.kind == "cbs" and bs.cbs_source == "probes" else None
+        probes = [CbsProbes(r.probes, run_dir, r.requested_tokens, drive)]
     callbacks = [
+        *probes,
         BatchSizeSchedule(
             d.batch_schedule.lr_scale
         ),  # before the LR callback: the step's batch and LR factor
@@ -75,7 +82,6 @@ def build_trainer(
         Metrics(
             run_dir,
             r.training.log_interval,
-            d.train_steps,
             r.logging.tensorboard,
             r.logging.wandb,
             r.name,

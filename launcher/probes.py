@@ -29,54 +29,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-from launcher.errors import check_choices, require
+from launcher.errors import require
 from launcher.launch.local import Run, run_pretrain
 from launcher.laws import cbs as cbs_law
-from launcher.laws.batch_size import KIND_FIELDS, LrRule, lr_multiplier
+from launcher.laws.batch_size import KIND_FIELDS, lr_multiplier
+from launcher.laws.cbs import BRANCH_SCHEDULES, ProbeConfig
 from launcher.laws.schedule import resolve_schedule
 
-BranchSchedule = Literal["hold", "decay"]
-BRANCH_SCHEDULES: tuple[str, ...] = get_args(BranchSchedule)
+__all__ = ["BRANCH_SCHEDULES", "Fork", "ProbeConfig", "fit_and_plot", "read_fork", "run_fork"]
+
 PROBES_FILE = "probes.jsonl"
 PLOT_FILE = "cbs_vs_tokens.png"
 FIT_FILE = "cbs_fit.json"
-
-
-@dataclass
-class ProbeConfig:
-    """How the branches of a fork are run and read (``ramp-probe --help`` names each one)."""
-
-    multipliers: list[float] = field(default_factory=lambda: list(cbs_law.DEFAULT_MULTIPLIERS))
-    lr_rule: LrRule = "sqrt"
-    lr_schedule: BranchSchedule = "hold"
-    budget_tokens: int | None = None  # None: from the noise floor (cbs_law.branch_tokens)
-    noise_sd: float = 0.0025  # read-off noise (in epsilon's units) measured at noise_tokens (calibration.md)
-    noise_tokens: int = 262_144
-    min_steps: int = 4  # the largest branch trains at least this many steps (Adam's moments re-adapt)
-    rule: cbs_law.ReadoffRule = "val"
-    epsilon: float = cbs_law.DEFAULT_EPSILON
-    epsilon_mode: cbs_law.EpsilonMode = "relative"
-    evals: int = 6  # validation passes per branch (the last at its end)
-    stop_at_failure: bool = True
-    nproc: int = 1
-    timeout_s: float | None = None
-    extra_sets: list[str] = field(default_factory=list)  # applied to every branch last
-
-    def __post_init__(self) -> None:
-        check_choices(self, "probe")
-        ks = list(self.multipliers)
-        require(len(ks) >= 2, f"probe multipliers {ks}: give at least two (e.g. 1,2,4,8,16)")
-        require(all(k > 0 for k in ks), f"probe multipliers {ks}: must be > 0")
-        require(ks == sorted(set(ks)), f"probe multipliers {ks}: must increase")
-        require(self.epsilon > 0, f"probe epsilon={self.epsilon}: must be > 0")
-        require(self.evals >= 1, f"probe evals={self.evals}: must be >= 1")
-        require(self.min_steps >= 1, f"probe min_steps={self.min_steps}: must be >= 1")
-        if self.budget_tokens is not None:
-            require(self.budget_tokens > 0, f"probe budget_tokens={self.budget_tokens}: must be > 0")
 
 
 @dataclass
@@ -109,7 +77,11 @@ def read_fork(run_dir: Path, checkpoint: Path) -> tuple[Any, Fork]:
     tokens = int(state["consumed_tokens"])
     factor = schedule.factor(tokens)  # the LR of the parent's last step (a step's LR: factor after it)
     lr = r.optimizer.lr * float(state.get("lr_scale", 1.0)) * factor
-    phases = [(p.start_tokens, p.batch) for p in d.batch_schedule.phases if p.start_tokens < tokens]
+    # the batch phases the parent ran: as saved (online decisions included), else as its recipe plans them
+    planned = ts.get("batch_schedule", {}).get("phases") or [
+        (p.start_tokens, p.batch) for p in d.batch_schedule.phases
+    ]
+    phases = [(int(t), int(b)) for t, b in planned if t < tokens]
     fork = Fork(
         Path(checkpoint),
         int(state["step"]),
@@ -160,6 +132,9 @@ def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> 
             for name in sorted({f for fs in KIND_FIELDS.values() for f in fs} - {"steps"})
         ),
         "batch_schedule.cbs_fraction=1.0",
+        "batch_schedule.cbs_source=table",
+        "probes.every_tokens=null",  # a branch never forks branches of its own
+        "probes.first_tokens=null",
         "schedule.warmup_frac=null",
         "schedule.warmup_steps=null",
         "schedule.warmup_tokens=0",
@@ -173,6 +148,11 @@ def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> 
         "logging.tensorboard=false",
         "logging.wandb.enabled=false",
     ]
+    if cfg.nproc == 1:  # one process: the branch trains unsharded whatever the parent's layout
+        sets += [
+            *(f"parallel.{k}=1" for k in ("tp", "pp", "ep")),
+            *(f"parallel.{k}=null" for k in ("vpp", "sequence_parallel")),
+        ]
     if cfg.lr_schedule == "hold":
         sets.append("schedule.style=constant")
     else:
@@ -206,6 +186,11 @@ class BranchRecord:
     passed: bool | None = None
 
 
+def fork_dirname(tokens: int) -> str:
+    """The directory of a fork's branches under the probe output."""
+    return f"fork_{tokens:012d}"
+
+
 def run_fork(
     run_dir: Path,
     checkpoint: Path,
@@ -213,12 +198,14 @@ def run_fork(
     cfg: ProbeConfig,
     runner: Callable[..., Run] = run_pretrain,
     cwd: Path | None = None,
+    inside_run: bool = False,
 ) -> dict[str, Any]:
     """Run the branches of one fork (increasing k, stopping at the first failure) and read off the CBS;
-    the probes.jsonl record (also appended to ``out_dir/probes.jsonl``)."""
+    the probes.jsonl record (also appended to ``out_dir/probes.jsonl`` unless ``inside_run``: the online
+    callback, whose output is the run's own ``probes/`` directory, writes that file from its state)."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     require(
-        not out_dir.is_relative_to(run_dir),
+        inside_run or not out_dir.is_relative_to(run_dir),
         f"ramp-probe: --out {out_dir} is inside the parent run {run_dir}; probes never write into it",
     )
     parent, fork = read_fork(run_dir, checkpoint)
@@ -229,7 +216,7 @@ def run_fork(
     )
     budget = budget_tokens(cfg, fork)
     config = run_dir / "config.yaml"
-    fork_dir = out_dir / f"fork_{fork.tokens:012d}"
+    fork_dir = out_dir / fork_dirname(fork.tokens)
     results: list[cbs_law.BranchResult] = []
     records: list[BranchRecord] = []
     for k in cfg.multipliers:
@@ -242,6 +229,9 @@ def run_fork(
         run = runner(config, sets, bdir, nproc=cfg.nproc, timeout=cfg.timeout_s, cwd=cwd)
         loss = noise = None
         error = run.error
+        reached = run.train[-1]["tokens"] if run.train else 0
+        if error is None and reached != fork.tokens + budget:  # stopped early (a SIGTERM), or a bug
+            error = f"the branch stopped at {reached} tokens, not {fork.tokens + budget}"
         if error is None:
             train = [(r["tokens"], r["loss"]) for r in run.train if r["tokens"] > fork.tokens]
             evals = [(r["tokens"], r["val_loss"]) for r in run.evals if r["tokens"] > fork.tokens]
@@ -308,9 +298,10 @@ def run_fork(
             noise=ro.noise,
         )
     rec["branches"] = [asdict(r) for r in records]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / PROBES_FILE, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    if not inside_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / PROBES_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
     return rec
 
 

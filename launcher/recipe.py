@@ -24,6 +24,7 @@ from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
 from launcher.laws.bad_steps import BadStepAction
 from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig
+from launcher.laws.cbs import ProbeConfig
 from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
 from launcher.laws.schedule import DecayShape, ScheduleStyle
@@ -452,6 +453,9 @@ class Derived:
     precision: str
     phases: list[PhasePlan] = field(default_factory=list)
     batch_schedule: BatchSchedule | None = None
+    #: tokens the training data is built for: the run's, or, when online probes may grow the batch, the
+    #: most any decision can make the run consume (it ends at the first step past the requested tokens)
+    data_tokens: int = 0
 
     def lines(self) -> list[str]:
         skip = ("phases", "batch_schedule")
@@ -490,6 +494,7 @@ class Recipe:
     gpu: GpuConfig = field(default_factory=GpuConfig)  # GPU fast paths; ignored on CPU
     cluster: ClusterConfig | None = None  # the machines --dry-run plans memory for
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)  # CBS probes; online when given a grid
 
     @property
     def run_dir(self) -> Path:
@@ -585,6 +590,10 @@ class Recipe:
             warmup <= train_tokens,
             f"schedule warmup ({warmup} tokens) is longer than the run ({train_tokens} tokens)",
         )
+        self._check_probes()
+        data_tokens = train_tokens
+        if batch_schedule.reachable:  # the run's end moves with the last batch a decision reaches
+            data_tokens = self.requested_tokens + max(batch_schedule.all_batches) * self.model.seq_length
         return Derived(
             world_size=world_size,
             dp=first.dp,
@@ -597,6 +606,56 @@ class Recipe:
             precision=precision,
             phases=phases,
             batch_schedule=batch_schedule,
+            data_tokens=data_tokens,
+        )
+
+    def replan(self, d: Derived, schedule: BatchSchedule) -> Derived:
+        """``d`` with the batch phases of ``schedule`` (a decision taken during the run, e.g.
+        ``laws.batch_size.grow_at``): phases, steps and the run's end change; the LR schedule, which was
+        resolved on the first plan, and the data, built for ``d.data_tokens``, do not."""
+        phases = self._plan_phases(schedule, d.world_size, d.device)
+        end = phases[-1].end_tokens
+        require(
+            end <= max(d.data_tokens, d.train_tokens),
+            f"batch_schedule: the new plan ends at {end} tokens, past the {d.data_tokens} the data was "
+            f"built for; a decision may only reach the batches planned at start (max_batch)",
+        )
+        return dataclasses.replace(
+            d,
+            phases=phases,
+            batch_schedule=schedule,
+            train_tokens=end,
+            train_steps=sum(p.steps for p in phases),
+        )
+
+    @property
+    def requested_tokens(self) -> int:
+        """The tokens the recipe asks for (the run ends at the first step boundary at or past them)."""
+        t = self.training
+        if t.train_tokens is not None:
+            return t.train_tokens
+        return t.train_steps * t.global_batch_size * self.model.seq_length
+
+    def _check_probes(self) -> None:
+        """The probes: section against the rest of the recipe (online mode forks from this run)."""
+        pr, bs = self.probes, self.batch_schedule
+        if bs.kind == "cbs" and bs.cbs_source == "probes":
+            require(
+                pr.online,
+                "batch_schedule.cbs_source=probes needs online probes: set probes.every_tokens or "
+                "probes.first_tokens",
+            )
+        if not pr.online:
+            return
+        require(
+            pr.rule != "val" or self.training.eval_samples > 0,
+            "probes: the val read-off needs the run's fixed validation set, but training.eval_samples=0; "
+            "set training.eval_samples or probes.rule=ema",
+        )
+        require(
+            all(float(k * self.training.global_batch_size).is_integer() for k in pr.multipliers)
+            and min(pr.multipliers) >= 1,
+            f"probes.multipliers={pr.multipliers}: must be >= 1 and give whole batches",
         )
 
     def _warmup_tokens(self, train_tokens: int, tokens_per_step: int) -> int:
@@ -609,7 +668,7 @@ class Recipe:
 
     def _phases(self, world_size: int, device: str) -> tuple[BatchSchedule, list[PhasePlan]]:
         """The batch schedule resolved for this run, and every phase with its checked layout."""
-        from launcher.laws.batch_size import resolve_batch_schedule, simulate
+        from launcher.laws.batch_size import resolve_batch_schedule
         from launcher.laws.schedule import resolve_schedule
 
         m, t, bs = self.model, self.training, self.batch_schedule
@@ -626,13 +685,21 @@ class Recipe:
                     f"{key}={value} counts steps, but batch_schedule.kind={bs.kind} changes the batch, so a "
                     f"step is no fixed number of tokens; give {key.replace('steps', 'tokens')} instead",
                 )
-        requested = t.train_tokens if t.train_tokens is not None else t.train_steps * b0 * seq
+        requested = self.requested_tokens
         # Seesaw reads the LR schedule of the requested run (the run's end moves by less than one step).
         lr = resolve_schedule(self.schedule, requested, b0 * seq, self._warmup_tokens(requested, b0 * seq))
         schedule = resolve_batch_schedule(bs, b0, requested, seq, lr.factor, lr_peak_tokens=lr.warmup_tokens)
+        for b in schedule.reachable:  # a batch a decision may reach must have a layout that works
+            self.check_layout(*self._phase_layout(b, world_size, device), b, world_size)
+        return schedule, self._plan_phases(schedule, world_size, device)
+
+    def _plan_phases(self, schedule: BatchSchedule, world_size: int, device: str) -> list[PhasePlan]:
+        """Every phase of ``schedule`` with its steps (``simulate``) and its checked layout."""
+        from launcher.laws.batch_size import simulate
+
         layouts = {b: self._phase_layout(b, world_size, device) for b in schedule.batches}
         phases = []
-        for ph in simulate(schedule, requested, seq):
+        for ph in simulate(schedule, self.requested_tokens, self.model.seq_length):
             parallel, mbs = layouts[ph.batch]
             dp = self.check_layout(parallel, mbs, ph.batch, world_size)
             phases.append(
@@ -648,7 +715,7 @@ class Recipe:
                     num_microbatches=ph.batch // (mbs * dp),
                 )
             )
-        return schedule, phases
+        return phases
 
     def _phase_layout(self, batch: int, world_size: int, device: str) -> tuple[ParallelConfig, int]:
         """(parallel, micro_batch_size) for a phase of ``batch`` sequences: the recipe's (``fixed``), the

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,8 @@ from launcher.laws.bad_steps import is_bad_batch
 from launcher.laws.mup import MupTable
 from launcher.laws.schedule import resolve_schedule
 from launcher.recipe import Derived, PhasePlan, Recipe
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Trainer:
             r.data,
             seq_length=r.model.seq_length,
             seed=r.training.seed,
-            train_samples=d.train_tokens // r.model.seq_length,
+            train_samples=max(d.train_tokens, d.data_tokens) // r.model.seq_length,
             valid_samples=r.training.eval_samples,
         )
         tokenizer_vocab = self.bundle.tokenizer.vocab_size
@@ -185,10 +188,39 @@ class Trainer:
     def relayout(self, phase: PhasePlan) -> SwitchTimes:
         """Continue this run in ``phase``'s layout without restarting processes: checkpoint (a real one,
         so a crash after the switch resumes from it, and a fresh job loading it is the reference), tear
-        the layout down, build the new one, load the checkpoint resharded into it. An asynchronous save
-        is completed first: its writers and its finalisation use the old layout's process groups."""
+        the layout down, build the new one, load the checkpoint resharded into it."""
         times = SwitchTimes()
         t0 = time.perf_counter()
+        path = self._checkpoint_here()
+        t1 = time.perf_counter()
+        self._teardown_model()
+        t2 = time.perf_counter()
+        self.phase = phase
+        self.active = self.recipe.with_layout(phase.parallel, phase.micro_batch_size)
+        self._build_model()
+        t3 = time.perf_counter()
+        self._reload(path)
+        t4 = time.perf_counter()
+        times.save, times.teardown, times.rebuild, times.load = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        return times
+
+    def pause(self, work: Callable[[Path], T]) -> T:
+        """Collective: checkpoint this step, free the layout (model, optimizer, process groups: the device
+        memory a child job needs), run ``work(checkpoint)`` on every rank, then rebuild the same layout and
+        load the checkpoint. The run continues exactly as a job resumed from that checkpoint would; the CBS
+        probes fork their branches from it while the run is paused."""
+        path = self._checkpoint_here()
+        self._teardown_model()
+        try:
+            return work(path)
+        finally:
+            self._build_model()
+            self._reload(path)
+
+    def _checkpoint_here(self) -> Path:
+        """A complete checkpoint of this step (saved now unless it exists), for :meth:`relayout` and
+        :meth:`pause`. An asynchronous save is completed first: its writers and its finalisation use the
+        layout's process groups."""
         self.switching = True  # also for a pending save completed here
         try:
             self.finish_saves()
@@ -198,20 +230,14 @@ class Trainer:
                 self.finish_saves()
         finally:
             self.switching = False
-        path = self.last_saved[1]
-        t1 = time.perf_counter()
-        self._teardown_model()
-        t2 = time.perf_counter()
-        self.phase = phase
-        self.active = self.recipe.with_layout(phase.parallel, phase.micro_batch_size)
-        self._build_model()
-        t3 = time.perf_counter()
+        return self.last_saved[1]
+
+    def _reload(self, path: Path) -> None:
+        """Load the checkpoint just saved into the rebuilt layout; the state and the callbacks' in-memory
+        state are this process's own (the loaded copies are the same)."""
         state = self.state
         checkpoint.load(path, self.chunks, self.optimizer)
-        self.state = state  # the loaded copy is the same; callbacks keep their in-memory state
-        t4 = time.perf_counter()
-        times.save, times.teardown, times.rebuild, times.load = t1 - t0, t2 - t1, t3 - t2, t4 - t3
-        return times
+        self.state = state
 
     # -- checkpoint interface --------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -219,6 +245,7 @@ class Trainer:
             "state": asdict(self.state),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "layout": layout.sizes(),
+            "batch_schedule": self.derived.batch_schedule.to_dict(),  # as planned now (online decisions)
             "recipe": self.recipe.to_dict(),
             "fingerprint": self.fingerprint,
         }
@@ -264,6 +291,8 @@ class Trainer:
         saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=ck.load_optimizer)
         self.loaded_from = path
         self.state = TrainState(**saved["state"])
+        if path.parent.resolve() == self.recipe.checkpoint_dir.resolve():
+            self.last_saved = (self.state.step, path)  # a switch or pause here need not save it again
         # The checkpoint carries the data position; the batch of the next step (and its LR factor) is the
         # batch schedule's at that position, set by its callback at every step start.
         for cb in self.callbacks:
@@ -436,6 +465,8 @@ class Trainer:
     def step(self) -> None:
         """One step with its callbacks, evaluation when due, and the collective stop decision."""
         self.emit("on_step_start")
+        if self.stop_requested:  # agreed by every rank inside a step-start callback (a paused run's stop)
+            return
         t0 = time.perf_counter()
         try:
             metrics = self.train_step()
@@ -487,6 +518,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.close()
         return self.state
+
+    @property
+    def signalled(self) -> bool:
+        """Whether this rank got SIGTERM (the ranks' agreement to stop comes later, at a host sync)."""
+        return self._signalled
 
     def _on_sigterm(self, signum, frame) -> None:
         # Slurm sends SIGTERM before a time limit: finish the step, checkpoint, exit cleanly.

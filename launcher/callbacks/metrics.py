@@ -36,13 +36,12 @@ class Metrics(Callback):
         self,
         run_dir: Path,
         log_interval: int,
-        total_steps: int,
         tensorboard: bool = True,
         wandb_cfg: Any = None,
         run_name: str = "run",
         config: dict | None = None,
     ) -> None:
-        self.run_dir, self.log_interval, self.total_steps = Path(run_dir), log_interval, total_steps
+        self.run_dir, self.log_interval = Path(run_dir), log_interval
         self.use_tb, self.wandb_cfg, self.run_name, self.config = tensorboard, wandb_cfg, run_name, config
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = self._wandb = None
@@ -120,8 +119,9 @@ class Metrics(Callback):
             done = st.consumed_tokens - self._tokens_at_start
             eta = elapsed / max(done, 1) * (trainer.derived.train_tokens - st.consumed_tokens)
             val = f" | val {trainer.last_eval['val_loss']:.4f}" if trainer.last_eval else ""
+            total = trainer.derived.train_steps  # as planned now (online probes may change it)
             print(
-                f"step {st.step}/{self.total_steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.3g} "
+                f"step {st.step}/{total} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.3g} "
                 f"| gnorm {rec['grad_norm']:.3f} | gbs {st.global_batch_size} "
                 f"| {rec['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {_fmt_time(eta)}",
                 flush=True,

@@ -47,15 +47,41 @@ def kill_tree(pid: int, grace_s: float = 15.0) -> None:
             p.kill()
 
 
+#: What launchers tell a worker about its job: a child run is a job of its own. Left in, torchrun's
+#: TORCHELASTIC_USE_AGENT_STORE makes the child wait for an agent's store that does not exist, and srun's
+#: SLURM_PROCID/SLURM_STEP_ID make it believe it is one task of the enclosing step.
+_JOB_VARS = frozenset(
+    (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "LOCAL_SIZE",
+        "MASTER_PORT",
+        "MASTER_ADDR",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_NAME",
+        "ROLE_WORLD_SIZE",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_STEP_ID",
+        "SLURM_STEPID",
+    )
+)
+
+
 def child_env() -> dict[str, str]:
     """This process's environment for a child run: this checkout importable, one thread per rank unless
-    the recipe says otherwise, and no rendezvous variables of an enclosing job."""
-    env = dict(os.environ)
+    the recipe says otherwise, and no rendezvous variables of an enclosing job (a CBS probe's branches
+    start from inside a running job)."""
+    env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and not k.startswith("TORCHELASTIC_")}
     env.update(
         PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="1"
     )
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(name, None)
     return env
 
 

@@ -18,7 +18,9 @@ seesaw     arXiv 2510.14717: wherever the LR schedule crosses 1/2, 1/4, ... of i
            peak), double the batch; with ``lr_rule: sqrt`` the LR is ``factor(t) * sqrt(2)**k``, i.e.
            each 2x cut becomes a sqrt(2) cut plus a doubling
 cbs        arXiv 2505.23971 section 2.5: double whenever ``cbs_fraction * CBS(t) > 2 * batch``, CBS(t)
-           interpolated linearly in a measured table (held constant outside it)
+           interpolated linearly in a measured table (held constant outside it); with
+           ``cbs_source: probes`` the table is the run's own online CBS probes (``probes:`` section):
+           the run starts at one phase and :func:`grow_at` adds a phase at each probe's decision
 bopt       arXiv 2601.05034: the largest ``B0 * 2**k`` not above ``B_opt(D) = bopt_coef * D**bopt_exponent``
 =========  ==========================================================================================
 
@@ -30,6 +32,7 @@ relative to the first phase's batch ``B0``: 1 (``none``), ``sqrt(B/B0)`` (``sqrt
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import difflib
 import itertools
 import math
@@ -43,9 +46,11 @@ from launcher.laws.units import format_count, parse_count
 ScheduleKind = Literal["constant", "steps", "ramp", "seesaw", "cbs", "bopt"]
 LrRule = Literal["none", "sqrt", "linear"]
 LayoutMode = Literal["fixed", "auto"]
+CbsSource = Literal["table", "probes"]
 KINDS: tuple[str, ...] = get_args(ScheduleKind)
 LR_RULES: tuple[str, ...] = get_args(LrRule)
 LAYOUT_MODES: tuple[str, ...] = get_args(LayoutMode)
+CBS_SOURCES: tuple[str, ...] = get_args(CbsSource)
 #: What a per-batch layout entry may name; a key left out keeps the recipe's value.
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "micro_batch_size")
 
@@ -62,10 +67,10 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "steps": ("steps",),
     "ramp": ("ramp_start", "ramp_increment", "ramp_tokens", "max_batch"),
     "seesaw": ("max_batch",),
-    "cbs": ("cbs_table", "cbs_fraction", "max_batch"),
+    "cbs": ("cbs_table", "cbs_source", "cbs_fraction", "max_batch"),
     "bopt": ("bopt_coef", "bopt_exponent", "max_batch"),
 }
-_DEFAULTS = {"cbs_fraction": 1.0}  # fields whose "unset" value is not None
+_DEFAULTS = {"cbs_fraction": 1.0, "cbs_source": "table"}  # fields whose "unset" value is not None
 
 #: Doublings the derived kinds (seesaw, cbs, bopt) may make: 2**40 x the first batch is no real schedule.
 MAX_DOUBLINGS = 40
@@ -90,6 +95,8 @@ class BatchScheduleConfig:
     )
     lr_rule: LrRule = "sqrt"  # LR multiplier at batch B: none 1, sqrt sqrt(B/B0), linear B/B0
     cbs_table: list[list[float]] | None = None  # kind=cbs: [[tokens, measured CBS in sequences], ...]
+    # kind=cbs: table (cbs_table, measured before) or probes (the run's online probes decide as it trains)
+    cbs_source: CbsSource = "table"
     # kind=cbs: grow only when cbs_fraction * CBS > 2 * batch. Under WSD growing to the CBS is too early:
     # the decay removes more gradient noise from a small batch than from a large one (calibration.md, last
     # section: the CBS-following schedule lost 1.06% under WSD, and won at constant LR), so < 1 delays growth.
@@ -124,9 +131,23 @@ class BatchScheduleConfig:
                 ramp_start=self.ramp_start, ramp_increment=self.ramp_increment, ramp_tokens=self.ramp_tokens
             )
         _positive(max_batch=self.max_batch)
-        if self.kind == "cbs":
-            require(self.cbs_table is not None, f"{S}.kind=cbs needs {S}.cbs_table: [[tokens, cbs], ...]")
+        if self.kind == "cbs" and self.cbs_source == "table":
+            require(
+                self.cbs_table is not None,
+                f"{S}.kind=cbs needs {S}.cbs_table: [[tokens, cbs], ...] (or cbs_source=probes)",
+            )
             self.cbs_points()
+        if self.kind == "cbs" and self.cbs_source == "probes":
+            require(
+                self.cbs_table is None,
+                f"{S}.cbs_table is set but {S}.cbs_source=probes (the run measures its own); remove one",
+            )
+            require(
+                self.max_batch is not None,
+                f"{S}.cbs_source=probes needs {S}.max_batch: the largest batch the probes may grow to "
+                f"(its layout and data are planned before the run starts)",
+            )
+        if self.kind == "cbs":
             require(
                 0.0 < self.cbs_fraction <= 1.0, f"{S}.cbs_fraction={self.cbs_fraction}: must be in (0, 1]"
             )
@@ -272,6 +293,9 @@ class BatchSchedule:
     lr_rule: LrRule = "sqrt"
     kind: ScheduleKind = "constant"
     layouts: Any = "fixed"  # as in the config: fixed | auto | {batch: {key: value}}
+    #: batches a decision taken during the run may add (``cbs_source: probes``); their layouts are planned
+    #: and checked at start like the phases'
+    reachable: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         require(len(self.phases) > 0, f"{S}: a schedule needs at least one phase")
@@ -294,6 +318,11 @@ class BatchSchedule:
     def batches(self) -> tuple[int, ...]:
         """Every batch of the schedule, in order (distinct: batches strictly increase)."""
         return tuple(p.batch for p in self.phases)
+
+    @property
+    def all_batches(self) -> tuple[int, ...]:
+        """The planned batches and those a decision during the run may reach, increasing."""
+        return tuple(sorted({*self.batches, *self.reachable}))
 
     def phase_index(self, tokens_consumed: int) -> int:
         starts = [p.start_tokens for p in self.phases]
@@ -326,6 +355,28 @@ class BatchSchedule:
         }
 
 
+def cbs_decision(batch: int, cbs: float, fraction: float = 1.0, cap: int | None = None) -> int:
+    """The batch after a CBS measurement by the doubling rule of 2505.23971: double while
+    ``fraction * cbs > 2 * batch``, never above ``cap`` (never shrinks)."""
+    require(batch > 0 and cbs > 0 and fraction > 0, "cbs_decision: batch, cbs and fraction must be > 0")
+    for _ in range(MAX_DOUBLINGS):
+        if fraction * cbs <= 2 * batch or (cap is not None and 2 * batch > cap):
+            return batch
+        batch *= 2
+    return batch
+
+
+def grow_at(schedule: BatchSchedule, tokens: int, batch: int) -> BatchSchedule:
+    """``schedule`` with ``batch`` from ``tokens`` consumed on: the phases that started before ``tokens`` are
+    kept (they ran), any later ones are dropped (a new decision replaces the old plan)."""
+    kept = [p for p in schedule.phases if p.start_tokens < tokens]
+    require(bool(kept), f"{S}: grow_at({tokens}) would drop the first phase")
+    if batch != kept[-1].batch:
+        require(batch > kept[-1].batch, f"{S}: the batch may only grow ({kept[-1].batch}, then {batch})")
+        kept.append(BatchPhase(int(tokens), int(batch)))
+    return dataclasses.replace(schedule, phases=tuple(kept))
+
+
 def resolve_batch_schedule(
     cfg: BatchScheduleConfig,
     initial_batch: int,
@@ -347,6 +398,7 @@ def resolve_batch_schedule(
     require(train_tokens > 0, f"{S}: the run must have tokens (train_tokens={train_tokens})")
     require(seq_length > 0, f"model.seq_length={seq_length}: must be > 0")
     b0 = initial_batch
+    reachable: tuple[int, ...] = ()
     if cfg.kind == "constant":
         points = [(0, b0)]
     elif cfg.kind == "steps":
@@ -366,6 +418,11 @@ def resolve_batch_schedule(
             points.insert(0, (0, b0))
     elif cfg.kind == "ramp":
         points = _ramp_points(cfg, b0)
+    elif cfg.kind == "cbs" and cfg.cbs_source == "probes":
+        points = [(0, b0)]  # decisions come as the run measures (grow_at)
+        cap = _cap(cfg, b0)
+        assert cap is not None
+        reachable = tuple(b0 * 2**k for k in range(1, MAX_DOUBLINGS) if b0 * 2**k <= cap)
     else:
         cap = _cap(cfg, b0)
         if cfg.kind == "seesaw":
@@ -384,14 +441,16 @@ def resolve_batch_schedule(
             phases[-1] = BatchPhase(tokens, batch)
             continue
         phases.append(BatchPhase(int(tokens), int(batch)))
-    schedule = BatchSchedule(phases=tuple(phases), lr_rule=cfg.lr_rule, kind=cfg.kind, layouts=cfg.layouts)
+    schedule = BatchSchedule(
+        phases=tuple(phases), lr_rule=cfg.lr_rule, kind=cfg.kind, layouts=cfg.layouts, reachable=reachable
+    )
     if isinstance(cfg.layouts, dict):
         named = {_as_int(k) for k in cfg.layouts}
-        missing = [b for b in schedule.batches if b not in named]
+        missing = [b for b in schedule.all_batches if b not in named]
         require(
             not missing,
             f"{S}.layouts names no layout for batch {', '.join(map(str, missing))}; add an entry for "
-            f"every batch the run reaches ({', '.join(map(str, schedule.batches))}) or use fixed | auto",
+            f"every batch the run reaches ({', '.join(map(str, schedule.all_batches))}) or use fixed | auto",
         )
     return schedule
 

@@ -41,14 +41,17 @@ from typing import Literal, get_args
 import numpy as np
 from scipy.optimize import least_squares
 
-from launcher.errors import require, require_choice
+from launcher.errors import check_choices, require, require_choice
+from launcher.laws.batch_size import LrRule
 
 ReadoffRule = Literal["val", "ema"]
+BranchSchedule = Literal["hold", "decay"]
 EpsilonMode = Literal["relative", "absolute"]
 CurveForm = Literal["saturating", "power_plateau"]
 READOFF_RULES: tuple[str, ...] = get_args(ReadoffRule)
 EPSILON_MODES: tuple[str, ...] = get_args(EpsilonMode)
 CURVE_FORMS: tuple[str, ...] = get_args(CurveForm)
+BRANCH_SCHEDULES: tuple[str, ...] = get_args(BranchSchedule)
 
 #: The paper's tolerance is 0.01 loss units; relative 1% is the same at loss ~1 and is what calibration.md
 #: compared the noise floor with.
@@ -57,6 +60,75 @@ DEFAULT_MULTIPLIERS: tuple[int, ...] = (1, 2, 4, 8, 16)
 EMA_ALPHA = 0.5  # the paper's smoothing of the training loss
 #: A comparison whose margin to the threshold is under this many noise sds is flagged as uncertain.
 Z_CONFIDENT = 2.0
+
+
+# -- how probes run: ramp-probe's options and the recipe's probes: section --------------------------------
+
+
+@dataclass
+class ProbeConfig:
+    """How the branches of a fork are run and read (``ramp-probe --help`` names each one), and, as the
+    recipe's ``probes:`` section, when a run forks them while it trains (online mode: ``every_tokens``
+    and/or ``first_tokens``; see :func:`fork_points`)."""
+
+    multipliers: list[float] = field(default_factory=lambda: list(DEFAULT_MULTIPLIERS))
+    lr_rule: LrRule = "sqrt"
+    # hold: the fork's LR held over the branch (the paper); decay: annealed to the parent's final LR
+    lr_schedule: BranchSchedule = "hold"
+    budget_tokens: int | None = None  # None: from the noise floor (branch_tokens)
+    noise_sd: float = 0.0025  # read-off noise (in epsilon's units) measured at noise_tokens (calibration.md)
+    noise_tokens: int = 262_144
+    min_steps: int = 4  # the largest branch trains at least this many steps (Adam's moments re-adapt)
+    rule: ReadoffRule = "val"
+    epsilon: float = DEFAULT_EPSILON
+    epsilon_mode: EpsilonMode = "relative"
+    evals: int = 6  # validation passes per branch (the last at its end)
+    stop_at_failure: bool = True
+    nproc: int = 1  # processes per branch (torchrun when > 1); 1: the branch trains unsharded
+    timeout_s: float | None = None
+    extra_sets: list[str] = field(default_factory=list)  # applied to every branch last
+    # online mode: fork at every ``every_tokens`` and/or on the geometric grid first_tokens * growth**i
+    # (dense early, where the CBS rises fast), before ``until_tokens`` (None: the whole run)
+    every_tokens: int | None = None
+    first_tokens: int | None = None
+    growth: float = 2.0
+    until_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self, "probes")
+        ks = list(self.multipliers)
+        require(len(ks) >= 2, f"probe multipliers {ks}: give at least two (e.g. 1,2,4,8,16)")
+        require(all(k > 0 for k in ks), f"probe multipliers {ks}: must be > 0")
+        require(ks == sorted(set(ks)), f"probe multipliers {ks}: must increase")
+        require(self.epsilon > 0, f"probe epsilon={self.epsilon}: must be > 0")
+        require(self.evals >= 1, f"probe evals={self.evals}: must be >= 1")
+        require(self.min_steps >= 1, f"probe min_steps={self.min_steps}: must be >= 1")
+        require(self.nproc >= 1, f"probes.nproc={self.nproc}: must be >= 1")
+        for name in ("budget_tokens", "every_tokens", "first_tokens", "until_tokens"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"probes.{name}={value}: must be > 0")
+        require(self.growth > 1.0, f"probes.growth={self.growth}: must be > 1 (a geometric grid grows)")
+
+    @property
+    def online(self) -> bool:
+        """Whether the run forks probes while it trains."""
+        return self.every_tokens is not None or self.first_tokens is not None
+
+
+def fork_points(cfg: ProbeConfig, train_tokens: int) -> list[int]:
+    """Token counts at which an online run forks (each at the first step end at or past it): the
+    multiples of ``every_tokens`` and the geometric grid ``first_tokens * growth**i``, below ``until_tokens``
+    and the run's end."""
+    end = min(train_tokens, cfg.until_tokens) if cfg.until_tokens is not None else train_tokens
+    points: set[int] = set()
+    if cfg.every_tokens is not None:
+        points.update(range(cfg.every_tokens, end, cfg.every_tokens))
+    if cfg.first_tokens is not None:
+        t = float(cfg.first_tokens)
+        while t < end:
+            points.add(round(t))
+            t *= cfg.growth
+    return sorted(p for p in points if 0 < p < end)
 
 
 # -- losses and their noise -----------------------------------------------------------------------------

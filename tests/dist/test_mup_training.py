@@ -3,14 +3,14 @@
 * At the base shape (every ratio 1) muP trains exactly the standard run: the parameterisation adds
   nothing there, so any stray rescale, hook or scale would show as a different loss.
 * With muP at 2x width the per-group LRs in metrics.jsonl are the table's and the table sits beside the run.
-* A probe process checks what ``launcher.parametrization`` did to a 4x-width model: every matrix has its
+* An inspection process checks what ``launcher.parametrization`` did to a 4x-width model: every matrix has its
   group's init std, and the model with hooks computes exactly the model without hooks whose weights
   carry the same multipliers (attention/expert output projections x residual, embedding x embedding
   multiplier, head x logit multiplier): the hooks scale the right outputs, once.
 * ``dist``: the hooks act the same in layouts that split the model (TP+SP, PP+VPP with a tied head, EP):
   from a muP checkpoint each layout trains the single-process losses.
 
-Runs happen in subprocesses (ramp's entry point, or this file as the probe): the CPU patches change
+Runs happen in subprocesses (ramp's entry point, or this file as the inspection): the CPU patches change
 torch globally.
 """
 
@@ -84,8 +84,8 @@ def test_mup_lrs_logged_are_the_tables(tmp_path):
             assert logged[k] == pytest.approx(v, rel=1e-9), f"{k} at step {rec['step']}"
 
 
-# -- the probe: init stds and hook equivalence, in a fresh process -----------------------------------------
-PROBE_SETS = [
+# -- the inspection: init stds and hook equivalence, in a fresh process -----------------------------------------
+INSPECT_SETS = [
     *TINY,
     *MUP_BASE,
     "model.hidden_size=256",
@@ -98,7 +98,7 @@ PROBE_SETS = [
 ]
 
 
-def _probe(run_dir: str, out: str) -> None:
+def _inspect(run_dir: str, out: str) -> None:
     import torch
 
     import patches
@@ -108,7 +108,7 @@ def _probe(run_dir: str, out: str) -> None:
 
     patches.apply_all(cpu=True)
     layout.init_world("cpu", layout.Env.from_environ())
-    r = recipe.load("moe-tiny", [*PROBE_SETS, f"logging.run_dir={run_dir}"])
+    r = recipe.load("moe-tiny", [*INSPECT_SETS, f"logging.run_dir={run_dir}"])
     d = r.derive(1)
     table = multiplier_table(r.model, r.mup, r.optimizer.lr_mult, r.optimizer.weight_decay)
     trainer = Trainer(r, d, table, [])
@@ -169,7 +169,7 @@ def _probe(run_dir: str, out: str) -> None:
 
 
 def test_init_stds_and_hooks_match_the_table(tmp_path):
-    out = tmp_path / "probe.json"
+    out = tmp_path / "inspect.json"
     env = ramp_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # this file imports ramp_run
     p = subprocess.run(
@@ -180,7 +180,7 @@ def test_init_stds_and_hooks_match_the_table(tmp_path):
         text=True,
         timeout=600,
     )
-    assert p.returncode == 0, f"probe failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert p.returncode == 0, f"inspection failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     res = json.loads(out.read_text())
     t = res["table"]
     assert t["residual"] != 1.0 and t["embedding"] != 1.0 and t["logits"] != 1.0
@@ -245,5 +245,5 @@ def test_mup_layout_matches_single_process(layout, mup_reference, tmp_path):
     assert_continues(run, mup_reference, RESUME_AT + 1, STEPS)
 
 
-if __name__ == "__main__":  # the probe, in its own process
-    _probe(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # the inspection, in its own process
+    _inspect(sys.argv[1], sys.argv[2])

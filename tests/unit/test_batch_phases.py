@@ -63,6 +63,47 @@ def test_named_layouts_per_phase_keep_the_recipes_other_keys():
     assert not first.same_layout(second)
 
 
+ONLINE = [
+    "training.train_tokens=1.6M",
+    "batch_schedule.kind=cbs",
+    "batch_schedule.cbs_source=probes",
+    "batch_schedule.max_batch=64",
+    "probes.every_tokens=200K",
+    "training.eval_samples=16",
+]
+
+
+def test_online_probes_plan_one_phase_then_replan_by_hand():
+    from launcher.laws.batch_size import grow_at
+
+    r = recipe.load("moe-tiny", ONLINE)
+    d = r.derive(1)
+    # 16 sequences x 256 tokens until the probes decide: ceil(1.6M / 4,096) = 391 steps, 1,601,536 tokens
+    assert [(ph.batch, ph.steps) for ph in d.phases] == [(16, 391)] and d.train_tokens == 1_601_536
+    # the data covers any end a decision can give: 1.6M + one step of the largest batch, 64 x 256
+    assert d.data_tokens == 1_600_000 + 64 * 256
+    # a decision for 64 after 50 steps (204,800 tokens): ceil(1,395,200 / 16,384) = 86 steps, to 1,613,824
+    e = r.replan(d, grow_at(d.batch_schedule, 204_800, 64))
+    got = [(ph.batch, ph.first_step, ph.start_tokens, ph.steps, ph.end_tokens) for ph in e.phases]
+    assert got == [(16, 0, 0, 50, 204_800), (64, 50, 204_800, 86, 1_613_824)]
+    assert (e.train_steps, e.train_tokens) == (136, 1_613_824) and e.train_tokens <= d.data_tokens
+    assert [ph.num_microbatches for ph in e.phases] == [2, 8]
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (ONLINE[:4], "cbs_source=probes needs online probes"),
+        ([*ONLINE[:5], "training.eval_samples=0"], "needs the run's fixed validation set"),
+        ([*ONLINE, "batch_schedule.layouts={16: {pp: 1}, 32: {pp: 1}}"], "names no layout for batch 64"),
+        ([*ONLINE, "probes.multipliers=[0.5, 1]"], "must be >= 1"),
+    ],
+)
+def test_online_probes_refuse_what_cannot_run_before_it_starts(sets, words):
+    with pytest.raises(RampError, match=words):
+        derive(sets)
+
+
 def test_auto_layout_gives_model_parallelism_where_the_batch_leaves_no_room_for_dp():
     # one sequence per step cannot be split over 2 data-parallel ranks: the cost model must pick TP2 or PP2
     d = derive(["training.global_batch_size=1", "training.eval_samples=8", "batch_schedule.layouts=auto"], 2)

@@ -15,6 +15,8 @@ from launcher.laws.batch_size import (
     BatchSchedule,
     BatchScheduleConfig,
     PhaseSteps,
+    cbs_decision,
+    grow_at,
     resolve_batch_schedule,
     simulate,
     tokens_after_step,
@@ -272,3 +274,30 @@ def test_recipe_refuses_a_bad_section_with_the_key():
         recipe.load("moe-tiny", ["batch_schedule.max_bach=4"])
     with pytest.raises(RampError, match=r"tokens must increase \(600K after 1.2M\)"):
         recipe.load("moe-tiny", ["batch_schedule.kind=steps", "batch_schedule.steps=0:16 1.2M:32 600K:64"])
+
+
+def test_cbs_decision_is_the_doubling_rule_by_hand():
+    # double while fraction * CBS > 2 * batch
+    assert cbs_decision(16, 64) == 32  # 64 > 32: 32; 64 > 64 no
+    assert cbs_decision(16, 65) == 64  # 65 > 32, 65 > 64: 64; 65 > 128 no
+    assert cbs_decision(16, 32) == 16  # a CBS of 2B does not grow (not strictly over)
+    assert cbs_decision(16, 1000, cap=64) == 64
+    assert cbs_decision(16, 256, fraction=0.25) == 32  # 64 > 32; 64 > 64 no
+    assert cbs_decision(64, 8) == 64  # never shrinks
+
+
+def test_grow_at_keeps_what_ran_and_replaces_the_plan_after():
+    s = resolve(total=1000, kind="steps", steps=[[0, 8], [100, 16], [500, 32]])
+    assert phases(grow_at(s, 300, 64)) == [(0, 8), (100, 16), (300, 64)]  # 500:32 was only planned
+    assert phases(grow_at(s, 300, 16)) == [(0, 8), (100, 16)]  # the same batch: no new phase
+    with pytest.raises(RampError, match="may only grow"):
+        grow_at(s, 300, 8)
+
+
+def test_probes_source_plans_one_phase_and_the_batches_it_may_reach():
+    s = resolve(total=1000, kind="cbs", cbs_source="probes", max_batch=64)
+    assert phases(s) == [(0, 8)] and s.reachable == (16, 32, 64) and s.all_batches == (8, 16, 32, 64)
+    with pytest.raises(RampError, match=r"needs batch_schedule\.max_batch"):
+        BatchScheduleConfig(kind="cbs", cbs_source="probes")
+    with pytest.raises(RampError, match="cbs_table is set but"):
+        BatchScheduleConfig(kind="cbs", cbs_source="probes", max_batch=64, cbs_table=[[0, 8]])

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from launcher.errors import RampError
-from launcher.laws.cbs import BranchResult, branch_loss, branch_tokens, ema, fit_cbs_curve, read_off
+from launcher.laws.cbs import (
+    BranchResult,
+    ProbeConfig,
+    branch_loss,
+    branch_tokens,
+    ema,
+    fit_cbs_curve,
+    fork_points,
+    read_off,
+)
 
 KS = (1, 2, 4, 8, 16)
 
@@ -132,3 +141,20 @@ def test_fit_with_noise_and_too_few_points():
     assert fit.params["tau"] == pytest.approx(3e5, rel=0.3)
     with pytest.raises(RampError, match="at least 4"):
         fit_cbs_curve([0, 1e5, 2e5, 3e5], [1, 2, 3, 4])  # token 0 is left out: 3 points
+
+
+def test_fork_points_by_hand():
+    assert fork_points(ProbeConfig(every_tokens=100), 350) == [100, 200, 300]
+    # geometric: 10, 20, 40, 80, 160 (320 is past until_tokens=200); with every 100: 100 too
+    assert fork_points(ProbeConfig(first_tokens=10, every_tokens=100, until_tokens=200), 1000) == [
+        10,
+        20,
+        40,
+        80,
+        100,
+        160,
+    ]
+    assert fork_points(ProbeConfig(first_tokens=10, growth=3.0), 100) == [10, 30, 90]
+    assert fork_points(ProbeConfig(), 1000) == [] and not ProbeConfig().online
+    with pytest.raises(RampError, match="growth"):
+        ProbeConfig(first_tokens=10, growth=1.0)

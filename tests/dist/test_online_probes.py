@@ -1,0 +1,95 @@
+"""Online CBS probes (``probes:`` grid + ``batch_schedule: {kind: cbs, cbs_source: probes}``) on 2 gloo ranks.
+
+The run forks at 4,096 tokens (after step 4, at the start of step 5), branches k = 1, 4 (one process each),
+with epsilon 50% so every branch passes: the CBS read-off is 4 x 16 = 64 sequences, and the doubling rule
+(double while 64 > 2 x batch) grows the batch from 16 to 32 from step 5 on. Shown by equivalence:
+
+* the probed run trains exactly as a run given the same batch schedule up front (the pause for the
+  branches, which checkpoints, tears the layout down and loads it back, changes no bit of the training);
+* a job requeued from the fork's checkpoint forks again (replacing the interrupted attempt's branches) and
+  takes the same decision from the same branch losses, ending with the same per-step losses;
+* the branches never write into the run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from ramp_run import run_ramp, step_checkpoint
+
+pytestmark = pytest.mark.dist
+
+SEQ, B0 = 64, 16  # TINY
+TOKENS = 12 * B0 * SEQ  # 12,288: 4 steps of 16 (4,096 tokens), then 4 of 32
+COMMON = [
+    "training.train_tokens=12288",
+    "training.eval_samples=16",
+    "checkpoint.keep_last=10",
+]
+PROBED = [
+    *COMMON,
+    "batch_schedule.kind=cbs",
+    "batch_schedule.cbs_source=probes",
+    "batch_schedule.max_batch=32",
+    "probes.every_tokens=4096",
+    "probes.multipliers=[1,4]",
+    "probes.budget_tokens=4096",
+    "probes.evals=2",
+    "probes.epsilon=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    return run_ramp(tmp_path_factory.mktemp("probed") / "run", PROBED, nproc=2).check()
+
+
+def _records(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "probes" / "probes.jsonl").read_text().splitlines()]
+
+
+def test_probe_decides_and_the_pause_changes_nothing(probed, tmp_path):
+    batches = {r["step"]: r["global_batch"] for r in probed.train}
+    assert batches == {**dict.fromkeys(range(1, 5), 16), **dict.fromkeys(range(5, 9), 32)}
+    (rec,) = _records(probed.run_dir)  # the second grid point (8,192 tokens) comes at the cap: skipped
+    assert rec["tokens"] == 4096 and rec["step"] == 4 and rec["base_batch"] == 16
+    assert [b["k"] for b in rec["branches"]] == [1, 4] and [b["steps"] for b in rec["branches"]] == [4, 1]
+    assert all(b["error"] is None and b["passed"] for b in rec["branches"])
+    assert rec["cbs"] == 64 and rec["edge"] == "high" and rec["batch_after"] == 32
+    # the cost: both branches' 4,096 tokens, against the run's 12,288
+    last = probed.train[-1]
+    assert last["probe_tokens"] == 8192 and last["probe_cost_frac"] == pytest.approx(8192 / TOKENS)
+    assert (probed.run_dir / "probes" / "cbs_vs_tokens.png").stat().st_size > 0
+    # branches ran in their own directories and saved nothing; the run's checkpoints are the fork's
+    # (step 4) and the final one
+    names = sorted(p.name for p in (probed.run_dir / "checkpoints").glob("step_*"))
+    assert names == ["step_0000004", "step_0000008"]
+    assert not list((probed.run_dir / "probes").rglob("checkpoints/step_*"))
+
+    ref = run_ramp(
+        tmp_path / "ref", [*COMMON, "batch_schedule.kind=steps", "batch_schedule.steps=[[0,16],[4096,32]]"], 2
+    ).check()
+    assert probed.series("loss") == ref.series("loss")  # bitwise
+    assert probed.series("grad_norm") == ref.series("grad_norm")
+
+
+def test_requeue_at_the_fork_takes_the_same_decision(probed, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(probed.run_dir, run_dir)
+    # the job died while branching: its newest checkpoint is the fork's, and a branch was half written
+    shutil.rmtree(run_dir / "checkpoints" / step_checkpoint(probed, 8).name)
+    (run_dir / "checkpoints" / "latest").write_text("step_0000004\n")
+    stale = run_dir / "probes" / "fork_000000004096" / "k4" / "stale-marker"
+    stale.write_text("from the interrupted attempt")
+
+    again = run_ramp(run_dir, [*PROBED, "checkpoint.load=auto"], nproc=2).check()
+    assert not stale.exists()  # the fork ran again in a clean directory
+    assert "resumed from" in again.stdout and "at step 4" in again.stdout
+    # metrics.jsonl: the straight run's steps 1-4, then the requeued job's 5-8, each once
+    assert [r["step"] for r in again.train] == list(range(1, 9))
+    assert again.series("loss") == probed.series("loss")
+    (before,), (after,) = _records(probed.run_dir), _records(run_dir)
+    assert [b["loss"] for b in after["branches"]] == [b["loss"] for b in before["branches"]]
+    assert (after["cbs"], after["batch_after"]) == (before["cbs"], before["batch_after"])
