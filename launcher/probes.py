@@ -96,7 +96,9 @@ def read_fork(run_dir: Path, checkpoint: Path) -> tuple[Any, Fork]:
 
 
 def budget_tokens(cfg: ProbeConfig, fork: Fork) -> int:
-    """The branch length, rounded up to whole steps of the largest branch (all see the same sequences)."""
+    """The branch length, rounded up to whole steps of every branch (a common multiple of their step
+    sizes), so every branch trains exactly these tokens, on the same sequences."""
+    unit = math.lcm(*(round(k * fork.batch) * fork.seq_length for k in cfg.multipliers))
     per_step = int(max(cfg.multipliers) * fork.batch) * fork.seq_length
     if cfg.budget_tokens is not None:
         want = cfg.budget_tokens
@@ -104,7 +106,7 @@ def budget_tokens(cfg: ProbeConfig, fork: Fork) -> int:
         want = cbs_law.branch_tokens(
             cfg.noise_sd, cfg.noise_tokens, cfg.epsilon, min_tokens=cfg.min_steps * per_step
         )
-    return -(-want // per_step) * per_step
+    return -(-want // unit) * unit
 
 
 def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> list[str]:
@@ -199,10 +201,12 @@ def run_fork(
     runner: Callable[..., Run] = run_pretrain,
     cwd: Path | None = None,
     inside_run: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run the branches of one fork (increasing k, stopping at the first failure) and read off the CBS;
     the probes.jsonl record (also appended to ``out_dir/probes.jsonl`` unless ``inside_run``: the online
-    callback, whose output is the run's own ``probes/`` directory, writes that file from its state)."""
+    callback, whose output is the run's own ``probes/`` directory, writes that file from its state).
+    ``should_stop`` is asked before each branch (the online callback: a SIGTERM arrived): no more start."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     require(
         inside_run or not out_dir.is_relative_to(run_dir),
@@ -220,6 +224,8 @@ def run_fork(
     results: list[cbs_law.BranchResult] = []
     records: list[BranchRecord] = []
     for k in cfg.multipliers:
+        if should_stop is not None and should_stop():
+            break
         bdir = fork_dir / f"k{k:g}"
         require(
             not (bdir / "metrics.jsonl").exists(),
@@ -275,7 +281,9 @@ def run_fork(
         "multipliers": list(cfg.multipliers),
         "branch_tokens": budget * len(records),  # the compute this fork cost, in trained tokens
     }
-    if results[0].loss is None:
+    if not results:
+        rec.update(cbs=None, cbs_upper=None, k_star=None, edge="error", confidence="low", note="stopped")
+    elif results[0].loss is None:
         rec.update(
             cbs=None,
             cbs_upper=None,

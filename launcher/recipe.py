@@ -590,7 +590,7 @@ class Recipe:
             warmup <= train_tokens,
             f"schedule warmup ({warmup} tokens) is longer than the run ({train_tokens} tokens)",
         )
-        self._check_probes()
+        self._check_probes(batch_schedule, world_size)
         data_tokens = train_tokens
         if batch_schedule.reachable:  # the run's end moves with the last batch a decision reaches
             data_tokens = self.requested_tokens + max(batch_schedule.all_batches) * self.model.seq_length
@@ -636,27 +636,50 @@ class Recipe:
             return t.train_tokens
         return t.train_steps * t.global_batch_size * self.model.seq_length
 
-    def _check_probes(self) -> None:
-        """The probes: section against the rest of the recipe (online mode forks from this run)."""
-        pr, bs = self.probes, self.batch_schedule
+    def _check_probes(self, schedule: BatchSchedule, world_size: int) -> None:
+        """The probes: section against the rest of the recipe (online mode forks from this run): what would
+        otherwise only fail at a fork, mid-run."""
+        from launcher.laws.cbs import fork_points
+
+        pr, bs, b0 = self.probes, self.batch_schedule, self.training.global_batch_size
         if bs.kind == "cbs" and bs.cbs_source == "probes":
             require(
                 pr.online,
                 "batch_schedule.cbs_source=probes needs online probes: set probes.every_tokens or "
                 "probes.first_tokens",
             )
+            require(
+                bs.max_batch is not None and bs.max_batch > b0,
+                f"batch_schedule.max_batch={bs.max_batch} leaves the probes nothing to grow to from "
+                f"training.global_batch_size={b0}; raise it",
+            )
         if not pr.online:
             return
+        require(
+            bool(fork_points(pr, self.requested_tokens)),
+            f"probes: no fork point before the run's end ({self.requested_tokens} tokens); lower "
+            f"probes.every_tokens / probes.first_tokens",
+        )
         require(
             pr.rule != "val" or self.training.eval_samples > 0,
             "probes: the val read-off needs the run's fixed validation set, but training.eval_samples=0; "
             "set training.eval_samples or probes.rule=ema",
         )
         require(
-            all(float(k * self.training.global_batch_size).is_integer() for k in pr.multipliers)
-            and min(pr.multipliers) >= 1,
+            all(float(k * b0).is_integer() for k in pr.multipliers) and min(pr.multipliers) >= 1,
             f"probes.multipliers={pr.multipliers}: must be >= 1 and give whole batches",
         )
+        # A branch of pr.nproc processes: unsharded with one (launcher/probes.py branch_sets), else the
+        # recipe's layout; it must split every batch a fork can ask for.
+        branch = ParallelConfig() if pr.nproc == 1 else self.parallel
+        for b in schedule.all_batches:
+            for k in pr.multipliers:
+                try:
+                    self.check_layout(branch, self.training.micro_batch_size, round(k * b), pr.nproc)
+                except RampError as e:
+                    raise RampError(
+                        f"probes: a branch at k={k:g} from batch {b} on {pr.nproc} process(es): {e}"
+                    ) from None
 
     def _warmup_tokens(self, train_tokens: int, tokens_per_step: int) -> int:
         s = self.schedule

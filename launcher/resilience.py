@@ -48,6 +48,10 @@ def fingerprint(recipe, data_key: str, schedule) -> dict[str, Any]:
     for k, v in dataclasses.asdict(recipe.batch_schedule).items():
         if k != "layouts":
             fp[f"batch_schedule.{k}"] = v
+    if recipe.batch_schedule.cbs_source == "probes":  # the probes decide the batch: what they measure too
+        for k, v in dataclasses.asdict(recipe.probes).items():
+            if k not in ("nproc", "timeout_s"):
+                fp[f"probes.{k}"] = v
     points = schedule.to_dict()
     # Lengthening a run is fine while the schedule's points stay put; without a decay (constant) the
     # decay points are only the run's end.

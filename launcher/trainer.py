@@ -17,6 +17,7 @@ each rank reads only the fields of its pipeline stage.
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -175,6 +176,13 @@ class Trainer:
             moe_utils.get_moe_layer_wise_logging_tracker().clear()  # it holds the old groups
         self.chunks = self.optimizer = self.config = self.forward_backward = None
         layout.destroy_parallel()
+        # Megatron's modules hold reference cycles (DDP hooks, config.no_sync_func), and ManualGC turns the
+        # automatic collector off: collect now, and hand the cached device memory back, so a paused run's
+        # device is free for its probe branches and a new layout does not sit beside the old one.
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     def enter_phase(self, phase: PhasePlan) -> SwitchTimes | None:
         """Train the next steps in ``phase``'s layout: a new micro-batch size needs nothing rebuilt (it only
@@ -291,7 +299,7 @@ class Trainer:
         saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=ck.load_optimizer)
         self.loaded_from = path
         self.state = TrainState(**saved["state"])
-        if path.parent.resolve() == self.recipe.checkpoint_dir.resolve():
+        if ck.load_optimizer and path.parent.resolve() == self.recipe.checkpoint_dir.resolve():
             self.last_saved = (self.state.step, path)  # a switch or pause here need not save it again
         # The checkpoint carries the data position; the batch of the next step (and its LR factor) is the
         # batch schedule's at that position, set by its callback at every step start.
@@ -454,6 +462,10 @@ class Trainer:
         s, t, every = self.state.step, self.recipe.training, self.recipe.checkpoint.interval
         due = (t.sync_interval, t.log_interval, t.eval_interval, every)
         return self.done or any(n and s % n == 0 for n in due)
+
+    def agree_to_stop(self) -> bool:
+        """Collective: whether any rank got SIGTERM (every rank gets the same answer)."""
+        return self._agree_to_stop()
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._signalled else 0.0])

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from launcher import probes
 from launcher.callbacks.base import Callback
 from launcher.laws.batch_size import BatchPhase, BatchScheduleConfig, cbs_decision, grow_at
 from launcher.laws.cbs import ProbeConfig, fork_points
@@ -61,10 +62,12 @@ class CbsProbes(Callback):
         self.records: list[dict[str, Any]] = []  # one per fork, in order (probes.jsonl's lines)
         self.phases: list[list[int]] | None = None  # the batch schedule the decisions made, [[tokens, batch]]
         self.done_until = 0  # fork points at or below this token count are done (or skipped)
+        self._planned: list[list[int]] = []  # the recipe's plan, before any decision
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "phases": self.phases, "done_until": self.done_until}
+        phases = [list(p) for p in self.phases] if self.phases is not None else None
+        return {"records": [dict(r) for r in self.records], "phases": phases, "done_until": self.done_until}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = list(state.get("records", []))
@@ -77,10 +80,20 @@ class CbsProbes(Callback):
 
     # -- hooks --------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer) -> None:
+        self._planned = [[p.start_tokens, p.batch] for p in trainer.derived.batch_schedule.phases]
         if self.phases is not None:  # resumed: the decisions taken before
             self._apply(trainer, self.phases)
-        if dist.get_rank() == 0 and self.points:
-            print(f"ramp: CBS probes at tokens {self.points}", flush=True)
+        if dist.get_rank() == 0:
+            if self.points:
+                print(f"ramp: CBS probes at tokens {self.points}", flush=True)
+            if self.records or (self.out_dir / probes.PROBES_FILE).exists():
+                self._write_records()  # a resume from an earlier checkpoint forgets the later forks
+
+    def on_rewind(self, trainer: Trainer) -> None:
+        # the reloaded state's decisions (or none: the plan the run started with) replace the current ones
+        phases = self.phases
+        self._apply(trainer, phases if phases is not None else self._planned)
+        self.phases = phases
 
     def on_step_start(self, trainer: Trainer) -> None:
         self._maybe_fork(trainer)
@@ -103,14 +116,15 @@ class CbsProbes(Callback):
         if cap is not None and batch >= cap:  # nothing left to decide
             self.done_until = tokens
             return
-        t0 = time.perf_counter()
+        if trainer.agree_to_stop():  # a SIGTERM since the last host sync: no fork, the requeued job forks
+            trainer.stop_requested = True
+            return
         record = trainer.pause(lambda path: self._run_fork(trainer, path, tokens))
         if record.get("interrupted"):  # SIGTERM while branching: stop here, a requeued job forks again
             trainer.stop_requested = True
             if dist.get_rank() == 0:
                 print(f"ramp: SIGTERM during the CBS probe at {tokens:,} tokens: stopping", flush=True)
             return
-        record["seconds"] = time.perf_counter() - t0
         record["step"] = trainer.state.step
         record["batch_before"] = batch
         record["batch_after"] = batch
@@ -129,17 +143,24 @@ class CbsProbes(Callback):
         """Every rank: rank 0 runs the branches and tells the others the record (on a group of its own
         whose timeout covers the branches; the run's groups would time out while rank 0 trains them).
         A SIGTERM reaches the branches too, so a fork during which rank 0 got one is marked interrupted."""
-        from launcher import probes
-
         record: dict[str, Any] = {}
         if dist.get_rank() == 0:
+            t0 = time.perf_counter()
             fork_dir = self.out_dir / probes.fork_dirname(tokens)
             shutil.rmtree(fork_dir, ignore_errors=True)  # an interrupted attempt at this fork
             try:
-                record = probes.run_fork(self.run_dir, checkpoint, self.out_dir, self.cfg, inside_run=True)
+                record = probes.run_fork(
+                    self.run_dir,
+                    checkpoint,
+                    self.out_dir,
+                    self.cfg,
+                    inside_run=True,
+                    should_stop=lambda: trainer.signalled,
+                )
             except Exception as e:  # a fork that cannot run is recorded; the run goes on at its batch
                 record = {"tokens": tokens, "cbs": None, "error": f"{type(e).__name__}: {e}"}
             record["interrupted"] = trainer.signalled
+            record["seconds"] = time.perf_counter() - t0  # rank 0's: every rank checkpoints the same state
         if dist.get_world_size() > 1:
             timeout = self.cfg.timeout_s * len(self.cfg.multipliers) + 600 if self.cfg.timeout_s else 86_400
             group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -157,12 +178,13 @@ class CbsProbes(Callback):
         trainer.derived = trainer.recipe.replan(trainer.derived, schedule)
         self.phases = [list(p) for p in phases]
 
-    def _report(self, record: dict[str, Any]) -> None:
-        from launcher import probes
-
+    def _write_records(self) -> None:
+        """probes.jsonl is this state's records: a fork run again after a requeue is not listed twice."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # probes.jsonl is this state's records: a fork run again after a requeue is not listed twice
         (self.out_dir / probes.PROBES_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _report(self, record: dict[str, Any]) -> None:
+        self._write_records()
         try:
             probes.fit_and_plot(self.out_dir, self.records)
         except Exception as e:  # a plot never stops training

@@ -34,6 +34,9 @@ class Checkpointing(Callback):
             self._saved_step = step
 
     def on_train_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if trainer.last_saved and trainer.last_saved[0] == step:  # a relayout or probe pause saved it
+            self._saved_step = step
         if self.save_at_exit and trainer.state.step != self._saved_step:
             trainer.save_checkpoint()
             self._saved_step = trainer.state.step

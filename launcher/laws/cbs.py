@@ -108,6 +108,9 @@ class ProbeConfig:
             value = getattr(self, name)
             require(value is None or value > 0, f"probes.{name}={value}: must be > 0")
         require(self.growth > 1.0, f"probes.growth={self.growth}: must be > 1 (a geometric grid grows)")
+        require(
+            self.timeout_s is None or self.timeout_s > 0, f"probes.timeout_s={self.timeout_s}: must be > 0"
+        )
 
     @property
     def online(self) -> bool:

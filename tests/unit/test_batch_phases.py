@@ -97,6 +97,11 @@ def test_online_probes_plan_one_phase_then_replan_by_hand():
         ([*ONLINE[:5], "training.eval_samples=0"], "needs the run's fixed validation set"),
         ([*ONLINE, "batch_schedule.layouts={16: {pp: 1}, 32: {pp: 1}}"], "names no layout for batch 64"),
         ([*ONLINE, "probes.multipliers=[0.5, 1]"], "must be >= 1"),
+        ([*ONLINE, "batch_schedule.max_batch=16"], "leaves the probes nothing to grow to"),
+        ([*ONLINE, "probes.every_tokens=2M"], "no fork point before the run's end"),
+        ([*ONLINE, "probes.timeout_s=0"], "timeout_s=0"),
+        # 3 processes per branch: 16 sequences are no multiple of micro-batch 8 x dp 3
+        ([*ONLINE, "probes.nproc=3"], "branch at k=1 from batch 16 on 3 process"),
     ],
 )
 def test_online_probes_refuse_what_cannot_run_before_it_starts(sets, words):
@@ -121,6 +126,18 @@ def test_fingerprint_covers_the_batch_schedule_but_not_its_layouts():
     base = fp("batch_schedule.steps=0:16 600K:32")
     assert fp("batch_schedule.steps=0:16 800K:32") != base
     assert fp("batch_schedule.steps=0:16 600K:32", "batch_schedule.layouts={16: {}, 32: {pp: 2}}") == base
+
+
+def test_fingerprint_covers_what_the_probes_decide_by_when_they_drive_the_batch():
+    def fp(*sets):
+        r = recipe.load("moe-tiny", [*ONLINE, *sets])
+        d = r.derive(1)
+        schedule, _ = build.schedule_and_table(r, d)
+        return resilience.fingerprint(r, "data", schedule)
+
+    base = fp()
+    assert fp("probes.epsilon=0.02") != base and fp("probes.every_tokens=300K") != base
+    assert fp("probes.nproc=2", "probes.timeout_s=600") == base  # how branches run, not what they decide
 
 
 class _Named(Callback):

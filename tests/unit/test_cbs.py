@@ -158,3 +158,14 @@ def test_fork_points_by_hand():
     assert fork_points(ProbeConfig(), 1000) == [] and not ProbeConfig().online
     with pytest.raises(RampError, match="growth"):
         ProbeConfig(first_tokens=10, growth=1.0)
+
+
+def test_branch_budget_is_whole_steps_of_every_branch():
+    from pathlib import Path
+
+    from launcher.probes import Fork, budget_tokens
+
+    fork = Fork(Path("-"), 3, 3072, 16, 2e-3, 1.0, 64, [(0, 16)])
+    # steps of 16, 48, 64 sequences x 64 tokens: 1,024, 3,072, 4,096 tokens; their lcm 12,288
+    assert budget_tokens(ProbeConfig(multipliers=[1, 3, 4], budget_tokens=4096), fork) == 12_288
+    assert budget_tokens(ProbeConfig(multipliers=[1, 2, 4], budget_tokens=4097), fork) == 8192
