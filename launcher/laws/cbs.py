@@ -337,7 +337,9 @@ def branch_tokens(
         )
         return max(int(measured_tokens), int(min_tokens))
     tokens = measured_tokens * need ** (1.0 / exponent)
-    return max(math.ceil(tokens), int(min_tokens))
+    # round off float fuzz first: sqrt(2)**2 is 2.0000000000000004, and a ceil of 131072.00000000003 would
+    # cost a whole extra step of every branch once the budget is rounded up to whole steps
+    return max(math.ceil(round(tokens, 6)), int(min_tokens))
 
 
 # -- the CBS curve ---------------------------------------------------------------------------------------
