@@ -465,9 +465,6 @@ class Trainer:
 
     def agree_to_stop(self) -> bool:
         """Collective: whether any rank got SIGTERM (every rank gets the same answer)."""
-        return self._agree_to_stop()
-
-    def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._signalled else 0.0])
         if self.derived.device == "cuda":
             flag = flag.cuda()
@@ -493,7 +490,7 @@ class Trainer:
         if self.host_sync_due():
             if self.saves is not None:
                 self.saves.finish(blocking=False)
-            if self._agree_to_stop():
+            if self.agree_to_stop():
                 self.stop_requested = True
                 print(f"ramp: rank {dist.get_rank()}: stopping after step {self.state.step}", flush=True)
 

@@ -50,7 +50,6 @@ CbsSource = Literal["table", "probes"]
 KINDS: tuple[str, ...] = get_args(ScheduleKind)
 LR_RULES: tuple[str, ...] = get_args(LrRule)
 LAYOUT_MODES: tuple[str, ...] = get_args(LayoutMode)
-CBS_SOURCES: tuple[str, ...] = get_args(CbsSource)
 #: What a per-batch layout entry may name; a key left out keeps the recipe's value.
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "micro_batch_size")
 
