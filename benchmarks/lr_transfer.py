@@ -8,10 +8,18 @@ hidden = width, muP base shape = the smallest width, 2 layers) on the same data 
 same number of tokens (240 steps x 16 x 128 = 0.49 M tokens by default), with the recipe's WSD schedule,
 and is scored by ramp's evaluation: the loss on the fixed validation set at the end. It is also evaluated
 at 6 points along the run (``val_curve``, the stable-phase losses that ``ramp-fit-lr-law`` extrapolates
-in D). At the base shape the two parameterisations are the same model (muP with every ratio 1 is bitwise
-the standard run, tests/dist/test_mup_training.py), so those runs are shared. The depth arm trains the
-base width at 4 layers (muP base: 2 layers, Depth-muP residual multiplier). Seeds: every arm runs
-``--seeds``; standard parameterisation only the first (``--standard-seeds``).
+in D). Runs train ``--workers`` at a time (default 2), each in its own process with one torch thread.
+
+Stages, most important first: (1) the base shape under standard parameterisation over the LR grid;
+(2) muP's base-shape logit multiplier (``mup.output_mult``, candidates ``--output-mults``) tuned on the
+base shape at (1)'s best LR: muP transfers the base's hyper-parameters, it does not choose them, and this
+family's base is far from its best at a multiplier of 1 (x4 gave 0.43 lower loss at width 64 when first
+tried); (3) muP's base shape over the LR grid with that multiplier; (4) the wider models, LRs nearest the
+base optimum first, and the depth arm, which trains the base width at 4 layers (muP base: 2 layers,
+Depth-muP residual multiplier). At the base shape with a multiplier of 1 the two parameterisations are
+the same model (muP with every ratio 1 is bitwise the standard run, tests/dist/test_mup_training.py), so
+those runs are shared. Seeds: the muP width arms run ``--seeds``, standard parameterisation
+``--standard-seeds``, the depth arm ``--depth-seeds``.
 
 Per (parameterisation, shape, seed) the optimal LR is the vertex of the parabola in log LR
 (``laws/lr_law.fit_lr_curve``) fitted to the grid argmin and up to two neighbours on each side (the
@@ -22,7 +30,8 @@ standard parameterisation; muP's best loss does not increase with width; on ever
 Writes benchmarks/results/lr_transfer.json (``optimal_lr``: parameterisation -> width -> lr, seed-mean
 curves; ``shift``: parameterisation -> largest / smallest optimal lr across widths; ``best_loss``:
 parameterisation -> width -> best final loss on the grid, seed mean; ``goal_met``; ``per_seed`` and
-``depth`` with the same per seed and for the depth arm) and benchmarks/results/lr_transfer.png. Finished
+``depth`` with the same per seed and for the depth arm; ``output_mult``: the tuned logit multiplier and
+the loss of each candidate) and benchmarks/results/lr_transfer.png. Finished
 runs are cached as JSON in benchmarks/results/lr_transfer_runs/, keyed by the run's overrides and the
 code version (a hash of launcher/, patches/, the moe-tiny recipe and the coordinate-check trainer), so a
 code change starts new runs and the sweep can be stopped and resumed.
@@ -34,9 +43,12 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,18 +175,38 @@ def lr_grid(lo: float, hi: float, points: int) -> list[float]:
 Key = tuple  # (parameterisation, width, layers, seed, lr)
 
 
+def _worker_init() -> None:
+    """A sweep worker trains with one torch thread: two such workers on two cores finish about twice the
+    runs of one process using both cores (these models are too small for intra-op threads to pay)."""
+    from tools.mup_coord_check import ensure_world
+
+    ensure_world(threads=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument(
         "--depth", type=int, default=4, help="layers of the depth arm at the base width (0: none)"
     )
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the muP arms")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the muP width arms")
     ap.add_argument("--standard-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--depth-seeds", type=int, nargs="*", default=[0], help="seeds of the muP depth arm")
     ap.add_argument("--lr-min", type=float, default=5e-4)
     ap.add_argument("--lr-max", type=float, default=1.6e-2)
     ap.add_argument("--points", type=int, default=6, help="log-spaced LRs from --lr-min to --lr-max")
     ap.add_argument("--steps", type=int, default=240, help="optimizer steps per run (16 x 128 tokens each)")
+    ap.add_argument(
+        "--output-mults",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0, 8.0],
+        help="candidates for muP's base-shape logit multiplier (mup.output_mult), tuned on the base shape",
+    )
+    ap.add_argument(
+        "--output-mult", type=float, default=None, help="use this mup.output_mult instead of tuning it"
+    )
+    ap.add_argument("--workers", type=int, default=2, help="runs trained at once, one torch thread each")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--cache", type=Path, default=RESULTS / "lr_transfer_runs")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where lr_transfer.json/.png go")
@@ -193,97 +225,163 @@ def main(argv: list[str] | None = None) -> int:
         "(for runs of an older --code-version)",
     )
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        print(f"lr_transfer: --workers={args.workers}: must be at least 1", file=sys.stderr)
+        return 2
     widths = sorted(args.widths)
     base = widths[0]
     lrs = lr_grid(args.lr_min, args.lr_max, args.points)
     args.cache.mkdir(parents=True, exist_ok=True)
     current = code_version()
     version = args.code_version or current
-
-    # Runs to do, most important first: seed by seed, the base shape (one run per LR, shared by both
-    # parameterisations), then the wider models with the LRs nearest the base shape's best first (lower
-    # first on a tie), so a sweep cut short still brackets the optima near where muP puts them.
-    runs: dict[Key, dict] = {}
     t_start = time.perf_counter()
-    done = 0
+    runs: dict[Key, dict] = {}
+    tuning: dict[float, dict] = {}  # output_mult -> the base-shape run that tried it
+    # the tuning runs live apart, so the run cache holds one sweep (ramp-fit-lr-law reads it whole)
+    tuning_dir = args.cache / "output_mult_tuning"
+    tuning_dir.mkdir(exist_ok=True)
+    pending: list[tuple[Future, Path, dict, Callable[[dict], None]]] = []
+    trained = 0
 
-    def run(key: Key, tmp: str) -> None:
-        nonlocal done
+    def submit(key: Key, out_mult: float, tuning_run: bool = False) -> None:
+        """Queue one run on ``pool`` (or take it from the cache), filed in ``runs`` under ``key``, or for a
+        tuning run in ``tuning`` under its multiplier (cached in ``tuning_dir``). muP on the base shape with
+        a logit multiplier of 1 is the standard model bitwise (tests/dist/test_mup_training.py): shared."""
         par, w, layers, seed, lr = key
-        sets = run_sets(par, w, layers, base, lr, seed, args.steps, args.sets)
-        path = args.cache / f"{par}-w{w}-L{layers}-s{seed}-lr{lr:g}-{run_key(sets, version)}.json"
-        if path.exists():
-            runs[key] = json.loads(path.read_text())
+
+        def store(res: dict) -> None:
+            if tuning_run:
+                tuning[out_mult] = res
+            else:
+                runs[key] = res
+
+        same = ("standard", w, layers, seed, lr)
+        if par == "mup" and w == base and layers == BASE_LAYERS and out_mult == 1.0 and same in runs:
+            store(runs[same])
             return
-        if args.report_only:
-            return
-        res = train_one(sets, args.steps, Path(tmp) / path.stem)
-        res.update(
-            parametrisation=par,
-            width=w,
-            layers=layers,
-            seed=seed,
-            lr=lr,
-            code_version=version,
-            overrides=sets,
-        )
-        path.write_text(json.dumps(res, indent=2) + "\n")
-        runs[key] = res
-        done += 1
-        print(
-            f"[{done} trained] {par:<8} width {w:>4} L{layers} seed {seed} lr {lr:<8g} "
-            f"val {res['val_loss']:.4f} ({res['seconds']:.0f}s, "
-            f"{(time.perf_counter() - t_start) / 60:.1f} min so far) {res['note']}",
-            flush=True,
-        )
-
-    with tempfile.TemporaryDirectory(prefix="ramp-lr-transfer-") as tmp:
-        for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
-            for lr in lrs:
-                run(("standard", base, BASE_LAYERS, seed, lr), tmp)
-            base_losses = [
-                runs.get(("standard", base, BASE_LAYERS, seed, lr), {}).get("val_loss") for lr in lrs
-            ]
-            finite = [i for i, v in enumerate(base_losses) if v is not None and math.isfinite(v)]
-            best = min(finite, key=lambda i: base_losses[i]) if finite else (len(lrs) - 1) // 2
-            for i in sorted(range(len(lrs)), key=lambda i: (abs(i - best), i)):
-                for w in widths[1:]:
-                    for par in PARAMETRISATIONS:
-                        if seed in (args.standard_seeds if par == "standard" else args.seeds):
-                            run((par, w, BASE_LAYERS, seed, lrs[i]), tmp)
-        if args.depth:
-            for seed in args.seeds:
-                for lr in lrs:
-                    run(("mup", base, args.depth, seed, lr), tmp)
-    verified = verify(runs, args.verify, current) if args.verify else None
-    for (par, w, layers, seed, lr), res in list(runs.items()):  # the base shape stands for both
-        if par == "standard" and w == base and layers == BASE_LAYERS:
-            runs.setdefault(("mup", w, layers, seed, lr), res)
-    return report(runs, widths, lrs, args, version, current, verified)
-
-
-def verify(runs: dict, k: int, current: str) -> dict:
-    """Retrain the ``k`` cheapest runs with the current code: are their validation curves bitwise the same?"""
-    picked = sorted(runs.values(), key=lambda r: r.get("seconds", math.inf))[:k]
-    checks = []
-    with tempfile.TemporaryDirectory(prefix="ramp-lr-verify-") as tmp:
-        for n, old in enumerate(picked):
-            steps = int(
-                next(s.split("=")[1] for s in old["overrides"] if s.startswith("training.train_steps="))
+        extra = [*args.sets] if par == "standard" else [f"mup.output_mult={out_mult!r}", *args.sets]
+        sets = run_sets(par, w, layers, base, lr, seed, args.steps, extra)
+        tag = "" if par == "standard" else f"-out{out_mult:g}"
+        name = f"{par}{tag}-w{w}-L{layers}-s{seed}-lr{lr:g}-{run_key(sets, version)}.json"
+        path = (tuning_dir if tuning_run else args.cache) / name
+        done = next((p for p in (path, args.cache / name, tuning_dir / name) if p.exists()), None)
+        if done is not None:
+            res = json.loads(done.read_text())
+            if done != path:  # the tuning run that is also a run of the sweep: one copy in each place
+                path.write_text(done.read_text())
+            store(res)
+        elif not args.report_only:
+            meta = dict(
+                parametrisation=par,
+                width=w,
+                layers=layers,
+                seed=seed,
+                lr=lr,
+                output_mult=None if par == "standard" else out_mult,
+                code_version=version,
+                overrides=sets,
+                threads=1,
             )
-            new = train_one(old["overrides"], steps, Path(tmp) / f"verify{n}")
-            same = new["val_curve"] == old["val_curve"]
-            checks.append(
-                {
-                    "run": f"{old['parametrisation']} w{old['width']} L{old['layers']} seed {old['seed']} "
-                    f"lr {old['lr']:g}",
-                    "identical": same,
-                    "val_loss": [old["val_loss"], new["val_loss"]],
-                }
-            )
+            work = Path(tmp) / path.stem
+            pending.append((pool.submit(train_one, sets, args.steps, work), path, meta, store))
+
+    def drain() -> None:
+        """Wait for every queued run; write each to the cache as it finishes."""
+        nonlocal trained
+        for fut in as_completed([f for f, *_ in pending]):
+            _, path, meta, store = next(p for p in pending if p[0] is fut)
+            res = {**fut.result(), **meta}
+            path.write_text(json.dumps(res, indent=2) + "\n")
+            store(res)
+            trained += 1
             print(
-                f"verify {checks[-1]['run']}: {'identical' if same else 'DIFFERENT'} {checks[-1]['val_loss']}"
+                f"[{trained} trained] {meta['parametrisation']:<8} width {meta['width']:>4} "
+                f"L{meta['layers']} seed {meta['seed']} lr {meta['lr']:<8g} "
+                f"out x{meta['output_mult'] or 1:g} "
+                f"val {res['val_loss']:.4f} ({res['seconds']:.0f}s, "
+                f"{(time.perf_counter() - t_start) / 60:.1f} min so far) {res['note']}",
+                flush=True,
             )
+        pending.clear()
+
+    def best_lr(par: str, w: int, layers: int, seed: int) -> int:
+        """Index of the grid LR with the lowest final loss so far (the middle of the grid if none)."""
+        vals = [runs.get((par, w, layers, seed, lr), {}).get("val_loss", math.nan) for lr in lrs]
+        finite = [i for i, v in enumerate(vals) if math.isfinite(v)]
+        return min(finite, key=lambda i: vals[i]) if finite else (len(lrs) - 1) // 2
+
+    def nearest_first(best: int) -> list[float]:
+        return [lrs[i] for i in sorted(range(len(lrs)), key=lambda i: (abs(i - best), i))]
+
+    # Stages, most important first, so a sweep cut short still answers the main question: (1) the base
+    # shape under standard parameterisation; (2) muP's logit multiplier tuned on the base shape at that
+    # sweep's best LR (muP transfers base-shape hyper-parameters; it does not choose them); (3) muP's base
+    # shape over the LR grid; (4) the wider models (and the depth arm), LRs nearest each base optimum first.
+    with (
+        tempfile.TemporaryDirectory(prefix="ramp-lr-transfer-") as tmp,
+        ProcessPoolExecutor(
+            args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+        ) as pool,
+    ):
+        for seed in args.standard_seeds:
+            for lr in lrs:
+                submit(("standard", base, BASE_LAYERS, seed, lr), 1.0)
+        drain()
+        out_mult = args.output_mult
+        tune_seed = (args.standard_seeds or args.seeds)[0]
+        tune_lr = lrs[best_lr("standard", base, BASE_LAYERS, tune_seed)]
+        if out_mult is None:
+            for m in args.output_mults:
+                submit(("mup", base, BASE_LAYERS, tune_seed, tune_lr), m, tuning_run=True)
+            drain()
+            scored = {m: r["val_loss"] for m, r in tuning.items() if math.isfinite(r["val_loss"])}
+            out_mult = min(scored, key=scored.__getitem__) if scored else 1.0
+        for seed in args.seeds:
+            for lr in lrs:
+                submit(("mup", base, BASE_LAYERS, seed, lr), out_mult)
+        drain()
+        for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
+            for par in PARAMETRISATIONS:
+                if seed not in (args.standard_seeds if par == "standard" else args.seeds):
+                    continue
+                for lr in nearest_first(best_lr(par, base, BASE_LAYERS, seed)):
+                    for w in widths[1:]:
+                        submit((par, w, BASE_LAYERS, seed, lr), out_mult)
+        if args.depth:
+            for seed in args.depth_seeds:
+                for lr in nearest_first(best_lr("mup", base, BASE_LAYERS, seed)):
+                    submit(("mup", base, args.depth, seed, lr), out_mult)
+        drain()
+        verified = verify(runs, args.verify, current, pool, Path(tmp)) if args.verify else None
+    output = {
+        "chosen": out_mult,
+        "tuned": args.output_mult is None,
+        "at": {"width": base, "layers": BASE_LAYERS, "seed": tune_seed, "lr": tune_lr},
+        "val_loss": {f"{m:g}": r["val_loss"] for m, r in sorted(tuning.items())},
+    }
+    return report(runs, widths, lrs, args, version, current, verified, output)
+
+
+def verify(runs: dict, k: int, current: str, pool: ProcessPoolExecutor, tmp: Path) -> dict:
+    """Retrain the ``k`` cheapest runs with the current code: are their validation curves bitwise the same?"""
+    picked = sorted({id(r): r for r in runs.values()}.values(), key=lambda r: r.get("seconds", math.inf))[:k]
+    checks = []
+    futures = []
+    for n, old in enumerate(picked):
+        steps = int(next(s.split("=")[1] for s in old["overrides"] if s.startswith("training.train_steps=")))
+        futures.append(pool.submit(train_one, old["overrides"], steps, tmp / f"verify{n}"))
+    for old, fut in zip(picked, futures):
+        new = fut.result()
+        same = new["val_curve"] == old["val_curve"]
+        checks.append(
+            {
+                "run": f"{old['parametrisation']} w{old['width']} L{old['layers']} seed {old['seed']} "
+                f"lr {old['lr']:g} out x{old.get('output_mult') or 1:g}",
+                "identical": same,
+                "val_loss": [old["val_loss"], new["val_loss"]],
+            }
+        )
+        print(f"verify {checks[-1]['run']}: {'identical' if same else 'DIFFERENT'} {checks[-1]['val_loss']}")
     return {"code_version": current, "runs": checks, "identical": all(c["identical"] for c in checks)}
 
 
@@ -341,7 +439,14 @@ def _shift(by_shape: dict, labels: list[str], field: str = "lr_star") -> float:
 
 
 def report(
-    runs: dict, widths: list[int], lrs: list[float], args, version: str, current: str, verified: dict | None
+    runs: dict,
+    widths: list[int],
+    lrs: list[float],
+    args,
+    version: str,
+    current: str,
+    verified: dict | None,
+    output: dict,
 ) -> int:
     seeds = {"standard": sorted(args.standard_seeds), "mup": sorted(args.seeds)}
     width_labels = [str(w) for w in widths]
@@ -365,7 +470,8 @@ def report(
             }
     depth = None
     if args.depth:
-        d = _arm(runs, [(widths[0], BASE_LAYERS), (widths[0], args.depth)], seeds, lrs)["mup"]
+        depth_seeds = {"standard": [], "mup": sorted(args.depth_seeds)}
+        d = _arm(runs, [(widths[0], BASE_LAYERS), (widths[0], args.depth)], depth_seeds, lrs)["mup"]
         labels = list(d)
         depth = {
             "layers": [BASE_LAYERS, args.depth],
@@ -378,7 +484,7 @@ def report(
                 str(s): _shift(
                     {k: v["per_seed"].get(str(s), {"lr_star": math.nan}) for k, v in d.items()}, labels
                 )
-                for s in seeds["mup"]
+                for s in depth_seeds["mup"]
             },
         }
     mup_seeds = per_seed.get("mup", {})
@@ -414,6 +520,15 @@ def report(
             if len(v["seeds"]) > 1:
                 row(par, label, "mean", v)
     ratio = widths[-1] / widths[0]
+    tried = ", ".join(f"x{m}: {v:.4f}" for m, v in output["val_loss"].items())
+    print(
+        f"muP logit multiplier (mup.output_mult) x{output['chosen']:g}, "
+        + (
+            f"tuned on width {output['at']['width']} at lr {output['at']['lr']:g} ({tried})"
+            if output["tuned"]
+            else "given"
+        )
+    )
     for par in PARAMETRISATIONS:
         seeds_txt = ", ".join(f"seed {s}: x{v['shift']:.2f}" for s, v in per_seed.get(par, {}).items())
         bests = ", ".join(f"{best[par][k]:.4f}" for k in width_labels)
@@ -434,6 +549,8 @@ def report(
         "goal_met": goal,
         "goal_checks": goal_checks,
         "per_seed": per_seed,
+        # muP's base-shape logit multiplier: tuned on the base shape (val_loss per candidate), then fixed
+        "output_mult": output,
         "depth": depth,
         "widths": widths,
         "lrs": lrs,

@@ -86,8 +86,9 @@ def width_sets(width: int, base_width: int, mup: bool) -> list[str]:
 _world_ready = False
 
 
-def _ensure_world() -> None:
-    """Patches, threads and a 1-process gloo world, once per process (the patches change torch globally)."""
+def ensure_world(threads: int | None = None) -> None:
+    """Patches, threads (default: every core) and a 1-process gloo world, once per process (the patches
+    change torch globally)."""
     global _world_ready
     if _world_ready:
         return
@@ -97,7 +98,7 @@ def _ensure_world() -> None:
     from launcher import layout
 
     patches.apply_all(cpu=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     layout.init_world("cpu", layout.Env.from_environ())
     _world_ready = True
 
@@ -112,7 +113,7 @@ def trainer_for(sets: list[str], run_dir: Path, recipe_name: str = "moe-tiny") -
     from launcher.callbacks.lr_schedule import LRSchedule
     from launcher.trainer import Trainer
 
-    _ensure_world()
+    ensure_world()
     r = recipe.load(recipe_name, [*sets, f"logging.run_dir={run_dir}"])
     d = r.derive(1)
     if d.device != "cpu":
