@@ -231,14 +231,28 @@ def main(argv: list[str] | None = None) -> int:
     widths = sorted(args.widths)
     base = widths[0]
     lrs = lr_grid(args.lr_min, args.lr_max, args.points)
-    args.cache.mkdir(parents=True, exist_ok=True)
     current = code_version()
     version = args.code_version or current
+    bad = [
+        f"--depth-seeds {s}: not among --seeds (the depth arm compares with the base shape's muP curve)"
+        for s in args.depth_seeds
+        if args.depth and s not in args.seeds
+    ]
+    if args.output_mult is None and not args.standard_seeds:
+        bad.append("--standard-seeds is empty: the logit multiplier is tuned at the standard sweep's best LR")
+    if any(x.startswith("mup.output_mult=") for x in args.sets):
+        bad.append("--set mup.output_mult: give --output-mult (or let the sweep tune it)")
+    if bad:
+        print(f"lr_transfer: {bad[0]}", file=sys.stderr)
+        return 2
+    # One directory per code version: it holds one sweep (ramp-fit-lr-law reads a directory whole)
+    cache_dir = args.cache / version
+    cache_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs: dict[Key, dict] = {}
     tuning: dict[float, dict] = {}  # output_mult -> the base-shape run that tried it
-    # the tuning runs live apart, so the run cache holds one sweep (ramp-fit-lr-law reads it whole)
-    tuning_dir = args.cache / "output_mult_tuning"
+    # the tuning runs live apart, so the version's directory holds one sweep
+    tuning_dir = cache_dir / "output_mult_tuning"
     tuning_dir.mkdir(exist_ok=True)
     pending: list[tuple[Future, Path, dict, Callable[[dict], None]]] = []
     trained = 0
@@ -263,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         sets = run_sets(par, w, layers, base, lr, seed, args.steps, extra)
         tag = "" if par == "standard" else f"-out{out_mult:g}"
         name = f"{par}{tag}-w{w}-L{layers}-s{seed}-lr{lr:g}-{run_key(sets, version)}.json"
-        path = (tuning_dir if tuning_run else args.cache) / name
-        done = next((p for p in (path, args.cache / name, tuning_dir / name) if p.exists()), None)
+        path = (tuning_dir if tuning_run else cache_dir) / name
+        done = next((p for p in (path, cache_dir / name, tuning_dir / name) if p.exists()), None)
         if done is not None:
             res = json.loads(done.read_text())
-            if done != path:  # the tuning run that is also a run of the sweep: one copy in each place
+            if done != path and not args.report_only:  # a tuning run that is also a run of the sweep
                 path.write_text(done.read_text())
             store(res)
         elif not args.report_only:
@@ -288,9 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     def drain() -> None:
         """Wait for every queued run; write each to the cache as it finishes."""
         nonlocal trained
+        failed: list[str] = []
         for fut in as_completed([f for f, *_ in pending]):
             _, path, meta, store = next(p for p in pending if p[0] is fut)
-            res = {**fut.result(), **meta}
+            try:
+                res = {**fut.result(), **meta}
+            except Exception as e:  # keep every other run's result; report all failures at the end
+                failed.append(f"{path.name}: {type(e).__name__}: {e}")
+                print(f"FAILED {failed[-1]}", flush=True)
+                continue
             path.write_text(json.dumps(res, indent=2) + "\n")
             store(res)
             trained += 1
@@ -303,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         pending.clear()
+        if failed:
+            raise RuntimeError(f"{len(failed)} run(s) failed (the others are cached): " + "; ".join(failed))
 
     def best_lr(par: str, w: int, layers: int, seed: int) -> int:
         """Index of the grid LR with the lowest final loss so far (the middle of the grid if none)."""
@@ -330,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         out_mult = args.output_mult
         tune_seed = (args.standard_seeds or args.seeds)[0]
         tune_lr = lrs[best_lr("standard", base, BASE_LAYERS, tune_seed)]
+        scored: dict[float, float] = {}
         if out_mult is None:
             for m in args.output_mults:
                 submit(("mup", base, BASE_LAYERS, tune_seed, tune_lr), m, tuning_run=True)
@@ -341,23 +364,40 @@ def main(argv: list[str] | None = None) -> int:
                 submit(("mup", base, BASE_LAYERS, seed, lr), out_mult)
         drain()
         for seed in sorted(set(args.seeds) | set(args.standard_seeds)):
-            for par in PARAMETRISATIONS:
-                if seed not in (args.standard_seeds if par == "standard" else args.seeds):
-                    continue
-                for lr in nearest_first(best_lr(par, base, BASE_LAYERS, seed)):
+            pars = [
+                p
+                for p in PARAMETRISATIONS
+                if seed in (args.standard_seeds if p == "standard" else args.seeds)
+            ]
+            order = {p: nearest_first(best_lr(p, base, BASE_LAYERS, seed)) for p in pars}
+            for k in range(len(lrs)):  # both parameterisations' k-th nearest LR before either's (k+1)-th
+                for par in pars:
                     for w in widths[1:]:
-                        submit((par, w, BASE_LAYERS, seed, lr), out_mult)
+                        submit((par, w, BASE_LAYERS, seed, order[par][k]), out_mult)
         if args.depth:
             for seed in args.depth_seeds:
                 for lr in nearest_first(best_lr("mup", base, BASE_LAYERS, seed)):
                     submit(("mup", base, args.depth, seed, lr), out_mult)
         drain()
         verified = verify(runs, args.verify, current, pool, Path(tmp)) if args.verify else None
+    tuned = args.output_mult is None
+    notes = []
+    if tuned and scored and out_mult in (min(args.output_mults), max(args.output_mults)):
+        notes.append(
+            f"the best multiplier x{out_mult:g} is at the edge of the candidates: widen --output-mults"
+        )
+    mup_base_best = lrs[best_lr("mup", base, BASE_LAYERS, args.seeds[0])]
+    if tuned and mup_base_best != tune_lr:
+        notes.append(
+            f"tuned at lr {tune_lr:g}, but muP's base shape is best at lr {mup_base_best:g} (seed "
+            f"{args.seeds[0]}) with it: the multiplier may not be the best at that LR"
+        )
     output = {
         "chosen": out_mult,
-        "tuned": args.output_mult is None,
-        "at": {"width": base, "layers": BASE_LAYERS, "seed": tune_seed, "lr": tune_lr},
+        "tuned": tuned,
+        "at": {"width": base, "layers": BASE_LAYERS, "seed": tune_seed, "lr": tune_lr} if tuned else None,
         "val_loss": {f"{m:g}": r["val_loss"] for m, r in sorted(tuning.items())},
+        "notes": notes,
     }
     return report(runs, widths, lrs, args, version, current, verified, output)
 
@@ -378,6 +418,8 @@ def verify(runs: dict, k: int, current: str, pool: ProcessPoolExecutor, tmp: Pat
                 "run": f"{old['parametrisation']} w{old['width']} L{old['layers']} seed {old['seed']} "
                 f"lr {old['lr']:g} out x{old.get('output_mult') or 1:g}",
                 "identical": same,
+                # runs cached before the worker pool trained with every core: their bits may differ
+                "threads": [old.get("threads"), 1],
                 "val_loss": [old["val_loss"], new["val_loss"]],
             }
         )
@@ -529,6 +571,8 @@ def report(
             else "given"
         )
     )
+    for n in output["notes"]:
+        print(f"  note: {n}")
     for par in PARAMETRISATIONS:
         seeds_txt = ", ".join(f"seed {s}: x{v['shift']:.2f}" for s, v in per_seed.get(par, {}).items())
         bests = ", ".join(f"{best[par][k]:.4f}" for k in width_labels)
@@ -566,6 +610,9 @@ def report(
             "family": "hidden = width, 4 heads, expert hidden = width, 2 layers, base shape = smallest width",
             "score": "final loss on ramp's fixed validation set (training.eval_samples sequences)",
             "fit": "parabola in ln(lr) through the grid argmin and up to 2 neighbours each side",
+            "standard": "megatron's plain parameterisation, logits x1 at every width (mup.output_mult "
+            "applies to muP only): with a tuned muP multiplier other than 1 the two arms' base shapes differ",
+            "threads": "every run trains in a worker process with one torch thread",
             "seeds": seeds,
         },
         "seconds_total": sum(r.get("seconds", 0.0) for r in {id(r): r for r in runs.values()}.values()),
