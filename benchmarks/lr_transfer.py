@@ -31,10 +31,10 @@ Writes benchmarks/results/lr_transfer.json (``optimal_lr``: parameterisation -> 
 curves; ``shift``: parameterisation -> largest / smallest optimal lr across widths; ``best_loss``:
 parameterisation -> width -> best final loss on the grid, seed mean; ``goal_met``; ``per_seed`` and
 ``depth`` with the same per seed and for the depth arm; ``output_mult``: the tuned logit multiplier and
-the loss of each candidate) and benchmarks/results/lr_transfer.png. Finished
-runs are cached as JSON in benchmarks/results/lr_transfer_runs/, keyed by the run's overrides and the
-code version (a hash of launcher/, patches/, the moe-tiny recipe and the coordinate-check trainer), so a
-code change starts new runs and the sweep can be stopped and resumed.
+the loss of each candidate) and benchmarks/results/lr_transfer.png. Finished runs are cached as JSON in
+benchmarks/results/lr_transfer_runs/<code version>/ (the tuning runs in its output_mult_tuning/), keyed
+by the run's overrides and the code version (a hash of launcher/, patches/, the moe-tiny recipe and the
+coordinate-check trainer), so a code change starts new runs and the sweep can be stopped and resumed.
 """
 
 from __future__ import annotations
@@ -225,15 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "(for runs of an older --code-version)",
     )
     args = ap.parse_args(argv)
-    if args.workers < 1:
-        print(f"lr_transfer: --workers={args.workers}: must be at least 1", file=sys.stderr)
-        return 2
     widths = sorted(args.widths)
     base = widths[0]
     lrs = lr_grid(args.lr_min, args.lr_max, args.points)
     current = code_version()
     version = args.code_version or current
-    bad = [
+    bad = [f"--workers={args.workers}: must be at least 1"] if args.workers < 1 else []
+    bad += [
         f"--depth-seeds {s}: not among --seeds (the depth arm compares with the base shape's muP curve)"
         for s in args.depth_seeds
         if args.depth and s not in args.seeds
@@ -280,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         path = (tuning_dir if tuning_run else cache_dir) / name
         done = next((p for p in (path, cache_dir / name, tuning_dir / name) if p.exists()), None)
         if done is not None:
-            res = json.loads(done.read_text())
+            text = done.read_text()
             if done != path and not args.report_only:  # a tuning run that is also a run of the sweep
-                path.write_text(done.read_text())
-            store(res)
+                path.write_text(text)
+            store(json.loads(text))
         elif not args.report_only:
             meta = dict(
                 parametrisation=par,
@@ -335,10 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     def nearest_first(best: int) -> list[float]:
         return [lrs[i] for i in sorted(range(len(lrs)), key=lambda i: (abs(i - best), i))]
 
-    # Stages, most important first, so a sweep cut short still answers the main question: (1) the base
-    # shape under standard parameterisation; (2) muP's logit multiplier tuned on the base shape at that
-    # sweep's best LR (muP transfers base-shape hyper-parameters; it does not choose them); (3) muP's base
-    # shape over the LR grid; (4) the wider models (and the depth arm), LRs nearest each base optimum first.
+    # The stages of the module docstring, most important first, so a sweep cut short still answers the
+    # main question.
     with (
         tempfile.TemporaryDirectory(prefix="ramp-lr-transfer-") as tmp,
         ProcessPoolExecutor(
