@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ SEQ = 256
 LR = 2e-3
 FIT_ON = ("constant", "wsd30")
 SKIP_FRAC = 0.05
+REPEAT = "constant-seed1"  # the constant schedule again with another seed: the noise floor
 
 
 def base(tokens: int) -> list[str]:
@@ -60,6 +62,7 @@ def base(tokens: int) -> list[str]:
         "training.eval_samples=384",
         f"training.eval_interval={max(1, steps // 50)}",
         "training.log_interval=1",
+        "training.threads=1",
         f"schedule.warmup_tokens={round(0.02 * tokens / (8 * SEQ)) * 8 * SEQ}",
         "schedule.warmup_frac=null",
         "checkpoint.interval=0",
@@ -75,6 +78,9 @@ def base(tokens: int) -> list[str]:
 def schedules(tokens: int) -> dict[str, list[str]]:
     def at(f: float) -> int:  # a fraction of the run, on a 32-sequence boundary
         return round(f * tokens / (32 * SEQ)) * 32 * SEQ
+
+    # validation every <= 2% of the tokens at the largest batch (32 = 4x the base's 8 sequences)
+    bw_eval = f"training.eval_interval={max(1, tokens // (8 * SEQ) // 200)}"
 
     wsd_sqrt = [
         "schedule.style=wsd",
@@ -108,11 +114,13 @@ def schedules(tokens: int) -> dict[str, list[str]]:
             *wsd_sqrt,
             "batch_schedule.kind=steps",
             f"batch_schedule.steps=[[{at(0.25)}, 16], [{at(0.5)}, 32]]",
+            bw_eval,
         ],
         "bw-b": [
             *wsd_sqrt,
             "batch_schedule.kind=steps",
             f"batch_schedule.steps=[[{at(0.2)}, 16], [{at(0.38)}, 32]]",
+            bw_eval,
         ],
     }
 
@@ -199,30 +207,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "loss_law.json")
     ap.add_argument("--cache", type=Path, default=RESULTS / "loss_law_runs")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=2, help="runs trained at once (one torch thread each)")
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error(f"--workers {args.workers}: must be >= 1")
     lam = args.lam if args.lam in ("rule", "fit") else float(args.lam)
     table = schedules(args.tokens)
     names = list(dict.fromkeys([*FIT_ON, *(args.schedules or table)]))
     version = code_version(CODE_PATHS)
-    with tempfile.TemporaryDirectory(prefix="loss_law-") as tmp:
+    jobs = {n: [*base(args.tokens), *table[n]] for n in names}
+    if not args.no_repeat:
+        jobs[REPEAT] = [*base(args.tokens), *table["constant"], "training.seed=1"]
+    with (
+        tempfile.TemporaryDirectory(prefix="loss_law-") as tmp,
+        ThreadPoolExecutor(args.workers) as pool,  # each run is a child process with one torch thread
+    ):
         work = args.work or Path(tmp)
+        futures = {pool.submit(cached_run, n, sets, version, args.cache, work): n for n, sets in jobs.items()}
         recs = {}
-        for n in names:
-            recs[n] = cached_run(n, [*base(args.tokens), *table[n]], version, args.cache, work)
+        for fut in as_completed(futures):
+            n = futures[fut]
+            recs[n] = fut.result()
             print(
-                f"{n:9s} final val {recs[n]['val'][-1][1]:.4f}  steps {len(recs[n]['lr'])}  "
+                f"{n:14s} final val {recs[n]['val'][-1][1]:.4f}  steps {len(recs[n]['lr'])}  "
                 f"wall {recs[n]['wall_s']:.0f}s",
                 flush=True,
             )
-        repeat = None
-        if not args.no_repeat:
-            repeat = cached_run(
-                "constant-seed1",
-                [*base(args.tokens), *table["constant"], "training.seed=1"],
-                version,
-                args.cache,
-                work,
-            )
+    repeat = recs.pop(REPEAT, None)
+    recs = {n: recs[n] for n in names}
     curves = {n: to_curve(n, r) for n, r in recs.items()}
     result = evaluate(curves, lam)
     result["noise_floor"] = noise_floor(curves["constant"], to_curve("repeat", repeat)) if repeat else None
