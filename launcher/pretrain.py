@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if d.device == "cuda":
         gpu.set_cuda_env(os.environ)
+    heartbeat = resilience.Heartbeat(r.resilience.heartbeat_s)
+    heartbeat.fork_beater(env.rank, env.world_size)  # first: before this process starts any thread
     if "LOCAL_RANK" in os.environ or args.local_rank is not None:
         runlock.die_with_parent()  # a killed launcher never leaves workers training
     applied = patches.apply_all(cpu=d.device == "cpu")
@@ -125,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
     lock = runlock.RunLock(r.run_dir)
-    heartbeat = resilience.Heartbeat(r.resilience.heartbeat_s)
     heartbeat.start()
     try:
         _take_run_dir(lock, r, env.rank)

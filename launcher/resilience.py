@@ -218,47 +218,115 @@ class Heartbeat:
     A peer whose counter has not moved for ``misses`` beats (dead, frozen, or its node gone) is named and
     this rank exits non-zero, instead of waiting in a collective until the collective timeout. Counters,
     not clocks: hosts need not agree on the time. A store that stops answering means the store's host
-    (the launcher of node 0) is gone."""
+    (the launcher of node 0) is gone.
+
+    The beats come from a small process forked from the rank (:meth:`fork_beater`), not from a thread of
+    it: a thread needs the GIL, and a rank that holds the GIL for minutes in one C call is alive but would
+    fall silent (megatron's sample-index builds hold it for the whole build, sentencepiece's trainer for
+    its whole run; at trillion-token scale that is minutes on rank 0 while the others wait). The beater
+    beats while its rank's process exists and is not stopped (SIGSTOP, a debugger): it reports liveness,
+    not progress, so a rank alive but stuck is left to the collective timeout. Reading the peers stays
+    in a thread of the rank (:meth:`start`), so a dead peer ends the rank with its own message and exit
+    code; that thread only pauses while its own rank holds the GIL, it never misreads a peer.
+    """
 
     def __init__(self, every_s: float, misses: int = 3) -> None:
         self.every_s, self.misses = every_s, misses
         self._stop = threading.Event()
-        self._prefix: str | None = None
+        self._prefix = f"ramp/hb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self._beater: int | None = None
+
+    def fork_beater(self, rank: int, world: int) -> None:
+        """Fork this rank's beater. Call before the rank starts threads (the child runs no code that a
+        lock held by another thread at the fork could block) and before the store exists: the beater
+        connects when it can."""
+        if world == 1 or self.every_s <= 0 or "MASTER_PORT" not in os.environ:
+            return
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the beater: never returns into the rank's code
+            try:
+                self._beat(parent, host, port, f"{self._prefix}/{rank}")
+            finally:
+                os._exit(0)
+        self._beater = pid
+
+    def _beat(self, parent: int, host: str, port: int, key: str) -> None:
+        import signal
+        import time
+
+        import psutil
+
+        from launcher.runlock import kill_me_with_parent
+
+        kill_me_with_parent()
+        # Signals meant for the job (scancel's TERM, Ctrl-C) are the rank's to handle: a rank saving a
+        # checkpoint on SIGTERM is alive, so its beater goes on until the rank itself is gone.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        stopped = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        timeout = datetime.timedelta(seconds=self.every_s * self.misses)
+        store = None
+        while os.getppid() == parent:
+            try:
+                if psutil.Process(parent).status() not in stopped:
+                    store = store or dist.TCPStore(host, port, is_master=False, timeout=timeout)
+                    store.add(key, 1)
+            except Exception:  # no store yet, or it went away: the rank's own thread names a lost store
+                store = None
+            time.sleep(self.every_s)
 
     def start(self) -> None:
+        """Start reading the peers (after the process group exists)."""
         rank, world = dist.get_rank(), dist.get_world_size()
-        if world == 1 or self.every_s <= 0:
+        if self._beater is None:
             return
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        prefix = self._prefix = f"ramp/hb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         store = dist.TCPStore(
-            host, port, is_master=False, timeout=datetime.timedelta(seconds=self.every_s * self.misses)
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=self.every_s * self.misses),
         )
-        threading.Thread(
-            target=self._run, args=(store, prefix, rank, world), name="ramp-heartbeat", daemon=True
-        ).start()
+        watch = threading.Thread(
+            target=self._watch, args=(store, rank, world), name="ramp-heartbeat", daemon=True
+        )
+        watch.start()
 
     def stop(self) -> None:
         """Before leaving normally: peers then read this rank's 'done' key, not a silence."""
-        if self._prefix is None or self._stop.is_set():
+        if self._beater is None or self._stop.is_set():
             return
         self._stop.set()
         with contextlib.suppress(Exception):  # a client of its own: the thread's may be mid-call
             store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
+                os.environ.get("MASTER_ADDR", "127.0.0.1"),
                 int(os.environ["MASTER_PORT"]),
                 is_master=False,
                 timeout=datetime.timedelta(seconds=self.every_s),
             )
             store.set(f"{self._prefix}/done/{dist.get_rank()}", "1")
+        with contextlib.suppress(OSError):
+            os.kill(self._beater, 9)
+            os.waitpid(self._beater, 0)
 
-    def _run(self, store, prefix: str, rank: int, world: int) -> None:
-        seen: dict[int, tuple[int, int]] = {}  # peer -> (last counter, beats without change)
-        beat = 0
+    def _beater_alive(self) -> bool:
+        try:
+            return os.waitpid(self._beater, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
+
+    def _watch(self, store, rank: int, world: int) -> None:
+        seen: dict[int, tuple[int, int]] = {}  # peer -> (last counter, checks without change)
+        checks = 0
+        prefix = self._prefix
         while not self._stop.wait(self.every_s):
             try:
-                beat += 1
-                store.add(f"{prefix}/{rank}", 1)
+                checks += 1
+                if not self._beater_alive():
+                    _die(f"its heartbeat process (pid {self._beater}) died: peers would take it for dead")
                 for peer in range(world):
                     if peer == rank or store.check([f"{prefix}/done/{peer}"]):
                         continue
@@ -266,11 +334,11 @@ class Heartbeat:
                     last, still = seen.get(peer, (-1, 0))
                     still = still + 1 if count == last else 0
                     seen[peer] = (count, still)
-                    if still >= self.misses and beat > self.misses:
+                    if still >= self.misses and checks > self.misses:
                         _die(f"rank {peer} has not answered for {still * self.every_s:.0f}s (dead or hung)")
             except Exception as e:  # the store went away with its host
                 if not self._stop.is_set():
-                    _die(f"the rendezvous store at {os.environ['MASTER_ADDR']} stopped answering ({e})")
+                    _die(f"the rendezvous store at {os.environ.get('MASTER_ADDR')} stopped answering ({e})")
                 return
 
 

@@ -29,7 +29,9 @@ BATCHES = [4, 4, 4, 8, 8, 8, 16, 16]
 
 
 def test_step_schedule_accounts_tokens_and_resumes_mid_ramp(tmp_path):
-    straight = run_ramp(tmp_path / "straight", [*RAMP, "checkpoint.interval=4", "checkpoint.keep_last=5"], nproc=2)
+    straight = run_ramp(
+        tmp_path / "straight", [*RAMP, "checkpoint.interval=4", "checkpoint.keep_last=5"], nproc=2
+    )
     straight.check()
     steps = sorted(straight.series("loss"))
     assert steps == list(range(1, len(BATCHES) + 1))

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 from launcher import checkpoint
-from ramp_run import ROOT, TINY, free_port, kill_tree, ramp_env, run_ramp, step_checkpoint
+from ramp_run import ROOT, TINY, free_port, kill_tree, ramp_env, read_metrics, run_ramp, step_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -215,7 +215,9 @@ def test_rewinds_are_bounded(tmp_path):
     assert run.returncode == 3, run.stderr[-3000:]
     # Rewind 1 skips the samples of steps 3-4; the batches of steps 5-6 are bad too: stop, naming it.
     assert "rewound to step_0000002 (step 2); skipping samples [32, 64) (rewind 1 of 1)" in run.stdout
-    assert "step 4: 2 non-finite steps in a row (grad norm nan); stopping after 1 rewinds" in _one_error_line(run)
+    assert "step 4: 2 non-finite steps in a row (grad norm nan); stopping after 1 rewinds" in _one_error_line(
+        run
+    )
 
 
 def test_second_job_on_a_held_run_dir_stops_naming_the_holder(tmp_path):
@@ -315,3 +317,31 @@ def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
         for w in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 w.kill()
+
+
+def test_a_rank_holding_the_gil_is_alive_to_its_peers(tmp_path):
+    """Rank 0 holds the GIL for 8 s (> 3 beats of 1 s) in one C call before its data build: its beats come
+    from a process of their own, so rank 1 waits instead of naming it dead, and the run finishes."""
+    args = ["--recipe", "moe-tiny"]
+    for s in [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=2", "resilience.heartbeat_s=1"]:
+        args += ["--set", s]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "tests" / "dist" / "gil_holding_rank.py"),
+        *args,
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**ramp_env(), "RAMP_TEST_HOLD_GIL_S": "8"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "has not answered" not in run.stderr, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(read_metrics(tmp_path)[0]) == 2
