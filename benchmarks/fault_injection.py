@@ -35,15 +35,24 @@ from ramp_run import kill_tree, ramp_command, ramp_env, read_metrics  # noqa: E4
 
 RESULTS = ROOT / "benchmarks" / "results" / "fault_injection.json"
 STEPS, EVERY = 12, 2
-BASE = [f"training.train_steps={STEPS}", f"checkpoint.interval={EVERY}", "checkpoint.load=auto"]
+
+
+def base(steps: int) -> list[str]:
+    return [f"training.train_steps={steps}", f"checkpoint.interval={EVERY}", "checkpoint.load=auto"]
+
+
+def storm_steps(kills: int) -> int:
+    """A storm run long enough that ``kills`` kills land before it can finish (each restart is killed at
+    most 3 steps past where it resumed)."""
+    return max(STEPS, 3 * kills)
 
 
 class Trial:
     """One run directory driven through faults and restarts until it finishes (or gives up)."""
 
-    def __init__(self, root: Path, sets: list[str], rng: random.Random) -> None:
-        self.dir, self.sets, self.rng = root, sets, rng
-        self.restarts = self.retrained = 0
+    def __init__(self, root: Path, sets: list[str], rng: random.Random, steps: int = STEPS) -> None:
+        self.dir, self.sets, self.rng, self.steps = root, sets, rng, steps
+        self.restarts = self.retrained = self.kills = 0
         self.errors: list[str] = []
 
     def start(self) -> subprocess.Popen:
@@ -69,15 +78,23 @@ class Trial:
             time.sleep(0.05)
         return True
 
-    def interrupt(self, how: Callable[[subprocess.Popen], None], when: Callable[[subprocess.Popen], bool]):
-        """Start, wait for ``when``, apply ``how``, reap everything; a restart follows."""
+    def interrupt(
+        self, how: Callable[[subprocess.Popen], None], when: Callable[[subprocess.Popen], bool]
+    ) -> bool:
+        """Start, wait for ``when``, apply ``how``, reap everything; a restart follows. False when the run
+        ended (finished or failed) before ``when``: the fault hit nothing."""
         proc = self.start()
-        if self.wait_for(proc, lambda: when(proc)):
+        hit = self.wait_for(proc, lambda: when(proc))
+        if hit:
             before = self.last_step()
             how(proc)
             self.restarts += 1
             self.retrained += before - self._resumable_step()
         _reap(proc)
+        return hit
+
+    def finished(self) -> bool:
+        return (self.dir / "checkpoints" / f"step_{self.steps:07d}").exists()
 
     def _resumable_step(self) -> int:
         from launcher import checkpoint
@@ -127,13 +144,19 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def kill_storm(trial: Trial, kills: int) -> bool:
-    """SIGKILL of the launcher and every worker at once, at random moments (starting up, training, saving)."""
-    for _ in range(kills):
-        delay = trial.rng.uniform(3.0, 25.0)
-        t0 = time.time()
-        trial.interrupt(lambda p: kill_tree(p.pid, grace_s=0), lambda p, t0=t0, d=delay: time.time() - t0 > d)
-        if (trial.dir / "checkpoints" / f"step_{STEPS:07d}").exists():
-            break  # finished before the kill: the rest of the storm has nothing to hit
+    """SIGKILL of the launcher and every worker at once, at random moments (starting up, training, saving),
+    until ``kills`` kills have landed on a live run: each restart dies after a random delay or 1-3 steps
+    past where it resumed (and past any step it has to retrain), whichever comes first."""
+    for _ in range(2 * kills):  # a start that ends before its kill does not count; bounded all the same
+        if trial.kills >= kills or trial.finished():
+            break
+        # The metrics file still holds the lost steps until the restart truncates it: a step past those.
+        target = max(trial.last_step() + 1, trial._resumable_step() + trial.rng.randint(1, 3))
+        deadline = time.time() + trial.rng.uniform(3.0, 25.0)
+        trial.kills += trial.interrupt(
+            lambda p: kill_tree(p.pid, grace_s=0),
+            lambda p, d=deadline, s=target: time.time() > d or trial.last_step() >= s,
+        )
     return trial.finish()
 
 
@@ -286,9 +309,12 @@ def main() -> int:
         if args.only and fault not in args.only:
             continue
         row = {"trials": 0, "survived": 0, "identical": 0, "restarts": 0, "steps_retrained": 0, "errors": []}
+        steps = storm_steps(args.kills) if fault == "kill_all_storm" else STEPS
+        if fault == "kill_all_storm":
+            row["kills_landed"] = []
         for t in range(args.trials):
             seed = rng.choice([1234, 7])  # two data orders; each has its uninterrupted reference
-            sets = [*BASE, f"training.seed={seed}"]
+            sets = [*base(steps), f"training.seed={seed}"]
             if fault == "flipped_checkpoint_byte":
                 sets.append("checkpoint.checksums=true")
             if fault == "nan_gradient":
@@ -297,20 +323,19 @@ def main() -> int:
                 sets.append(f"data.cache_dir={work / f'{fault}-{t}' / 'cache'}")
             ref_key = tuple(s for s in sets if not s.startswith(("data.cache_dir", "checkpoint.checksums")))
             if ref_key not in references:
-                ref = Trial(work / f"ref-{len(references)}", list(ref_key), rng)
+                ref = Trial(work / f"ref-{len(references)}", list(ref_key), rng, steps)
                 assert ref.finish(attempts=1), f"reference failed: {ref.errors}"
                 references[ref_key] = {r["step"]: r["loss"] for r in _metrics(ref.dir)[0]}
-            trial = Trial(work / f"{fault}-{t}", sets, random.Random(rng.random()))
+            trial = Trial(work / f"{fault}-{t}", sets, random.Random(rng.random()), steps)
             try:
                 survived = drive(trial, args.kills) if fault == "kill_all_storm" else drive(trial)
             except NotImplementedError as e:
                 row["errors"].append(f"not run: {e}")
                 continue
             train, _ = _metrics(trial.dir)
-            steps = [r["step"] for r in train]
             identical = (
                 survived
-                and steps == list(range(1, STEPS + 1))
+                and [r["step"] for r in train] == list(range(1, steps + 1))
                 and {r["step"]: r["loss"] for r in train} == references[ref_key]
             )
             row["trials"] += 1
@@ -318,10 +343,14 @@ def main() -> int:
             row["identical"] += int(identical)
             row["restarts"] += trial.restarts
             row["steps_retrained"] += trial.retrained
+            if "kills_landed" in row:
+                row["kills_landed"].append(trial.kills)
             row["errors"] += trial.errors
             print(
                 f"{fault:26s} trial {t}: survived={survived} identical={identical} "
-                f"restarts={trial.restarts} retrained={trial.retrained} ({time.time() - t_start:.0f}s)",
+                f"restarts={trial.restarts} retrained={trial.retrained}"
+                + (f" kills={trial.kills}" if "kills_landed" in row else "")
+                + f" ({time.time() - t_start:.0f}s)",
                 flush=True,
             )
         table[fault] = row
@@ -334,6 +363,7 @@ def main() -> int:
         "checkpoint_interval": EVERY,
         "trials_per_fault": args.trials,
         "kills_per_storm": args.kills,
+        "storm_steps": storm_steps(args.kills),
         "faults": table,
         "all_survived": all(r["survived"] == r["trials"] for r in run),
         "all_identical": bool(run) and all(r["identical"] == r["trials"] for r in run),
