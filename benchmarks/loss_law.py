@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         recs = {}
         for fut in as_completed(futures):
             n = futures[fut]
-            recs[n] = fut.result()
+            try:
+                recs[n] = fut.result()
+            except BaseException:  # a failed run or Ctrl-C: the queued runs are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
             print(
                 f"{n:14s} final val {recs[n]['val'][-1][1]:.4f}  steps {len(recs[n]['lr'])}  "
                 f"wall {recs[n]['wall_s']:.0f}s",

@@ -117,18 +117,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if d.device == "cuda":
         gpu.set_cuda_env(os.environ)
-    heartbeat = resilience.Heartbeat(r.resilience.heartbeat_s)
-    heartbeat.fork_beater(env.rank, env.world_size)  # first: before this process starts any thread
-    if "LOCAL_RANK" in os.environ or args.local_rank is not None:
-        runlock.die_with_parent()  # a killed launcher never leaves workers training
-    applied = patches.apply_all(cpu=d.device == "cpu")
-    layout.set_threads(r.training.threads, env)
-    layout.init_world(d.device, env, timeout_min=r.resilience.collective_timeout_s / 60)
-    if env.rank == 0:
-        print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
+    heartbeat = resilience.Heartbeat(
+        r.resilience.heartbeat_s, connect_timeout_s=r.resilience.collective_timeout_s
+    )
+    heartbeat.fork_beater(env.rank, env.world_size)  # first: no Python thread runs in this process yet
     lock = runlock.RunLock(r.run_dir)
-    heartbeat.start()
-    try:
+    try:  # from here on every way out ends the beater (a rank that fails to start must not look alive)
+        if "LOCAL_RANK" in os.environ or args.local_rank is not None:
+            runlock.die_with_parent()  # a killed launcher never leaves workers training
+        applied = patches.apply_all(cpu=d.device == "cpu")
+        layout.set_threads(r.training.threads, env)
+        layout.init_world(d.device, env, timeout_min=r.resilience.collective_timeout_s / 60)
+        if env.rank == 0:
+            print(f"ramp: patches applied: {', '.join(applied) or 'none'}", flush=True)
+        heartbeat.start()
         _take_run_dir(lock, r, env.rank)
         from launcher.trainer import find_checkpoint, resume_tokens
 

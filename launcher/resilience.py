@@ -15,12 +15,16 @@ import dataclasses
 import datetime
 import math
 import os
+import signal
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch.distributed as dist
 
 from launcher.errors import RampError
@@ -217,49 +221,58 @@ class Heartbeat:
     """Every rank bumps a counter in the launcher's TCP store each ``every_s`` and reads its peers'.
     A peer whose counter has not moved for ``misses`` beats (dead, frozen, or its node gone) is named and
     this rank exits non-zero, instead of waiting in a collective until the collective timeout. Counters,
-    not clocks: hosts need not agree on the time. A store that stops answering means the store's host
-    (the launcher of node 0) is gone.
+    not clocks: hosts need not agree on the time. A store that stops answering means the store's host is
+    gone (torchrun's agent on node 0; under the DeepSpeed launcher or srun, rank 0).
 
     The beats come from a small process forked from the rank (:meth:`fork_beater`), not from a thread of
-    it: a thread needs the GIL, and a rank that holds the GIL for minutes in one C call is alive but would
-    fall silent (megatron's sample-index builds hold it for the whole build, sentencepiece's trainer for
-    its whole run; at trillion-token scale that is minutes on rank 0 while the others wait). The beater
-    beats while its rank's process exists and is not stopped (SIGSTOP, a debugger): it reports liveness,
-    not progress, so a rank alive but stuck is left to the collective timeout. Reading the peers stays
-    in a thread of the rank (:meth:`start`), so a dead peer ends the rank with its own message and exit
-    code; that thread only pauses while its own rank holds the GIL, it never misreads a peer.
+    it: a thread needs the GIL, and a rank that holds the GIL in one long C call is alive but would fall
+    silent (megatron-core's sample and blending index builds hold it for the whole build: minutes on rank 0
+    at trillion-token scale, while the other ranks wait). The beater beats while its rank's process exists
+    and is not stopped (SIGSTOP, a debugger): it reports liveness, not progress, so a rank alive but stuck
+    is left to the collective timeout. Reading the peers stays in a thread of the rank (:meth:`start`),
+    so a dead peer ends the rank with its own message and exit code; that thread only pauses while its
+    own rank holds the GIL, it never misreads a peer. The beater shares the rank's memory copy-on-write;
+    the pages the rank's refcounts touch afterwards become its own (tens of MB, at most the rank's
+    Python heap at the fork).
     """
 
-    def __init__(self, every_s: float, misses: int = 3) -> None:
-        self.every_s, self.misses = every_s, misses
+    def __init__(self, every_s: float, misses: int = 3, connect_timeout_s: float = 600.0) -> None:
+        self.every_s, self.misses, self.connect_timeout_s = every_s, misses, connect_timeout_s
         self._stop = threading.Event()
         self._prefix = f"ramp/hb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self._beater: int | None = None
+        self._beater_pid: int | None = None
 
     def fork_beater(self, rank: int, world: int) -> None:
-        """Fork this rank's beater. Call before the rank starts threads (the child runs no code that a
-        lock held by another thread at the fork could block) and before the store exists: the beater
-        connects when it can."""
+        """Fork this rank's beater. Call while the rank runs no Python thread (the child then finds no
+        lock held by one; numpy's idle BLAS pools are fork-aware) and before the store may exist: the
+        beater waits for it."""
         if world == 1 or self.every_s <= 0 or "MASTER_PORT" not in os.environ:
             return
-        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the beater: never returns into the rank's code
+            code = 0
             try:
-                self._beat(parent, host, port, f"{self._prefix}/{rank}")
+                self._beat(parent, rank)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
             finally:
-                os._exit(0)
-        self._beater = pid
+                os._exit(code)
+        self._beater_pid = pid
 
-    def _beat(self, parent: int, host: str, port: int, key: str) -> None:
-        import signal
-        import time
+    def _store(self, timeout_s: float) -> dist.TCPStore:
+        """A client of the launcher's store (its own connection: clients are not shared across threads)."""
+        return dist.TCPStore(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
 
-        import psutil
-
+    def _beat(self, parent: int, rank: int) -> None:
         from launcher.runlock import kill_me_with_parent
 
         kill_me_with_parent()
@@ -268,53 +281,47 @@ class Heartbeat:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
         stopped = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
-        timeout = datetime.timedelta(seconds=self.every_s * self.misses)
-        store = None
+        key, store, said = f"{self._prefix}/{rank}", None, set()
+        # The first connection waits as long as a collective would (quietly: the store may come up with
+        # rank 0's process group); a lost one is retried at the heartbeat's own bound.
+        timeout_s = self.connect_timeout_s
         while os.getppid() == parent:
             try:
                 if psutil.Process(parent).status() not in stopped:
-                    store = store or dist.TCPStore(host, port, is_master=False, timeout=timeout)
+                    store = store or self._store(timeout_s)
+                    timeout_s = self.every_s * self.misses
                     store.add(key, 1)
-            except Exception:  # no store yet, or it went away: the rank's own thread names a lost store
+            except Exception as e:  # the rank's own thread names a lost store; say why once per kind
                 store = None
+                if type(e) not in said:
+                    said.add(type(e))
+                    print(
+                        f"ramp: rank {rank}: heartbeat: {type(e).__name__}: {e}", file=sys.stderr, flush=True
+                    )
             time.sleep(self.every_s)
 
     def start(self) -> None:
         """Start reading the peers (after the process group exists)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if self._beater is None:
+        if self._beater_pid is None:
             return
-        store = dist.TCPStore(
-            os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=self.every_s * self.misses),
-        )
-        watch = threading.Thread(
-            target=self._watch, args=(store, rank, world), name="ramp-heartbeat", daemon=True
-        )
-        watch.start()
+        store = self._store(self.every_s * self.misses)
+        args = (store, dist.get_rank(), dist.get_world_size())
+        threading.Thread(target=self._watch, args=args, name="ramp-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
-        """Before leaving normally: peers then read this rank's 'done' key, not a silence."""
-        if self._beater is None or self._stop.is_set():
+        """Before leaving (normally or not): peers then read this rank's 'done' key, not a silence."""
+        if self._beater_pid is None or self._stop.is_set():
             return
         self._stop.set()
         with contextlib.suppress(Exception):  # a client of its own: the thread's may be mid-call
-            store = dist.TCPStore(
-                os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                int(os.environ["MASTER_PORT"]),
-                is_master=False,
-                timeout=datetime.timedelta(seconds=self.every_s),
-            )
-            store.set(f"{self._prefix}/done/{dist.get_rank()}", "1")
+            self._store(self.every_s).set(f"{self._prefix}/done/{dist.get_rank()}", "1")
         with contextlib.suppress(OSError):
-            os.kill(self._beater, 9)
-            os.waitpid(self._beater, 0)
+            os.kill(self._beater_pid, signal.SIGKILL)
+            os.waitpid(self._beater_pid, 0)
 
     def _beater_alive(self) -> bool:
         try:
-            return os.waitpid(self._beater, os.WNOHANG)[0] == 0
+            return os.waitpid(self._beater_pid, os.WNOHANG)[0] == 0
         except ChildProcessError:
             return False
 
@@ -326,7 +333,9 @@ class Heartbeat:
             try:
                 checks += 1
                 if not self._beater_alive():
-                    _die(f"its heartbeat process (pid {self._beater}) died: peers would take it for dead")
+                    if self._stop.is_set():  # stop() reaped it while this check ran
+                        return
+                    _die(f"its heartbeat process (pid {self._beater_pid}) died: peers would take it for dead")
                 for peer in range(world):
                     if peer == rank or store.check([f"{prefix}/done/{peer}"]):
                         continue
@@ -338,7 +347,8 @@ class Heartbeat:
                         _die(f"rank {peer} has not answered for {still * self.every_s:.0f}s (dead or hung)")
             except Exception as e:  # the store went away with its host
                 if not self._stop.is_set():
-                    _die(f"the rendezvous store at {os.environ.get('MASTER_ADDR')} stopped answering ({e})")
+                    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+                    _die(f"the rendezvous store at {host} stopped answering ({e})")
                 return
 
 
@@ -349,9 +359,7 @@ def _die(message: str) -> None:
 
 
 def kill_children() -> None:
-    """The processes this one forked (data and checkpoint helpers) go with it."""
-    import psutil
-
+    """The processes this one forked (data and checkpoint helpers, the heartbeat's beater) go with it."""
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
+
 from launcher import plots
 from launcher.launch.local import ROOT, Run, child_env, free_port, kill_tree, pretrain_command, run_pretrain
 
@@ -112,3 +114,12 @@ def assert_continues(
     for step in loss:
         assert loss[step] == pytest.approx(ref_loss[step], abs=loss_atol), f"loss at step {step}"
         assert gnorm[step] == pytest.approx(ref_gnorm[step], rel=gnorm_rtol), f"grad norm at step {step}"
+
+
+def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The training ranks under a launcher, by global rank: processes with a RANK in their environment
+    whose parent has none (a process a rank forks, its heartbeat's beater or a checkpoint writer, inherits
+    the environment but is not a rank)."""
+    procs = psutil.Process(launcher_pid).children(recursive=True)
+    ranked = {p.pid: p for p in procs if "RANK" in p.environ()}
+    return {int(p.environ()["RANK"]): p for p in ranked.values() if p.ppid() not in ranked}

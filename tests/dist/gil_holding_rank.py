@@ -9,14 +9,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launcher import data, pretrain  # noqa: E402
+from launcher import data, pretrain
 
 build_datasets = data.build_datasets
 
 
 def build_holding_the_gil(*args, **kwargs):
     if os.environ["RANK"] == "0":
-        ctypes.PyDLL(None).sleep(int(os.environ["RAMP_TEST_HOLD_GIL_S"]))
+        hold = int(os.environ["RAMP_TEST_HOLD_GIL_S"])
+        ctypes.PyDLL(None).sleep(hold)
+        print(f"gil_holding_rank: rank 0 held the GIL for {hold} s", flush=True)
     return build_datasets(*args, **kwargs)
 
 

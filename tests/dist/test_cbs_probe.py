@@ -80,6 +80,6 @@ def test_probe_isolated_and_deterministic(tmp_path):
         assert train[0]["step"] == 4 and train[-1]["tokens"] == 3 * 1024 + 4096
     # the first k=1 branch step starts from the checkpoint's weights on the same data as the parent's step 4
     k1 = tmp_path / "probe_a" / "fork_000000003072" / "k1" / "metrics.jsonl"
-    loss4 = [json.loads(ln) for ln in k1.read_text().splitlines() if '"val_loss"' not in ln][0]["loss"]
+    loss4 = next(json.loads(ln) for ln in k1.read_text().splitlines() if '"val_loss"' not in ln)["loss"]
     assert loss4 == parent.series("loss")[4]
     assert (tmp_path / "probe_a" / "cbs_vs_tokens.png").stat().st_size > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from ramp_run import (
     ROOT,
@@ -20,6 +18,7 @@ from ramp_run import (
     kill_tree,
     ramp_command,
     ramp_env,
+    rank_processes,
     run_ramp,
     step_checkpoint,
 )
@@ -278,8 +277,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_sync_step(tmp_path):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (tmp_path / "metrics.jsonl").exists():  # step 1 is logged
             time.sleep(0.05)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in p.environ()]
-        rank1 = next(p for p in workers if p.environ()["RANK"] == "1")
+        rank1 = rank_processes(proc.pid)[1]
         time.sleep(1.0)
         rank1.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)

@@ -12,7 +12,6 @@ runs the real entry point, ``launcher/pretrain.py --recipe moe-tiny`` for 3 step
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os

@@ -84,7 +84,7 @@ def test_mup_lrs_logged_are_the_tables(tmp_path):
             assert logged[k] == pytest.approx(v, rel=1e-9), f"{k} at step {rec['step']}"
 
 
-# -- the inspection: init stds and hook equivalence, in a fresh process -----------------------------------------
+# -- the inspection: init stds and hook equivalence, in a fresh process ---------------------------------
 INSPECT_SETS = [
     *TINY,
     *MUP_BASE,

@@ -11,7 +11,8 @@ base of 2 (Depth-muP, alpha 1/2), qk-norm (more norm gains), a dense first layer
 kind of group exists. Hand values, with m = 2 (width), m_L = 2 (depth), peak LR 1e-3, weight decay 0.1,
 Adam eps 1e-8, independent decay (lr x wd fixed per group):
 
-* hidden matrices (qkv, attention out, dense and expert and shared fc1/fc2): LR x 1/m x m_L^(-1/2) = 1/(2 sqrt 2),
+* hidden matrices (qkv, attention out, dense and expert and shared fc1/fc2):
+  LR x 1/m x m_L^(-1/2) = 1/(2 sqrt 2),
   weight decay 0.1 x 2 sqrt 2, eps x 1/m x m_L^(-1/2);
 * router (output-like init): LR x 1/(2 sqrt 2), weight decay 0.1 x 2 sqrt 2, eps x 1/(2 sqrt 2);
 * embedding (tied head): LR x 1, weight decay 0.1, eps x 1/m;

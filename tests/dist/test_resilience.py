@@ -19,8 +19,19 @@ import time
 import psutil
 import pytest
 import torch
+from ramp_run import (
+    ROOT,
+    TINY,
+    free_port,
+    kill_tree,
+    ramp_env,
+    rank_processes,
+    read_metrics,
+    run_ramp,
+    step_checkpoint,
+)
+
 from launcher import checkpoint
-from ramp_run import ROOT, TINY, free_port, kill_tree, ramp_env, read_metrics, run_ramp, step_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -342,6 +353,40 @@ def test_a_rank_holding_the_gil_is_alive_to_its_peers(tmp_path):
         text=True,
         timeout=300,
     )
+    assert "gil_holding_rank: rank 0 held the GIL for 8 s" in run.stdout  # the patch took effect
     assert "has not answered" not in run.stderr, run.stderr[-3000:]
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_metrics(tmp_path)[0]) == 2
+
+
+def test_a_rank_whose_beater_dies_stops_naming_it(tmp_path):
+    """Kill rank 1's beater (the process that beats for it): rank 1 would look dead to its peers while
+    training on, so it stops itself, exit 4, with a line that says why."""
+    sets = [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500", "resilience.heartbeat_s=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    cmd += ["-m", "launcher.pretrain", "--recipe", "moe-tiny", *(a for s in sets for a in ("--set", s))]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ramp_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "metrics.jsonl").exists():
+            assert time.time() < deadline and proc.poll() is None, "training never started"
+            time.sleep(0.5)
+        rank1 = rank_processes(proc.pid)[1]
+        # the rank's first fork (later ones, its checkpoint writers, start after training has)
+        beater = min(
+            (c for c in rank1.children() if c.cmdline() == rank1.cmdline()), key=lambda c: c.create_time()
+        )
+        beater.kill()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert f"rank 1: its heartbeat process (pid {beater.pid}) died" in err, err[-3000:]
+    finally:
+        kill_tree(proc.pid, grace_s=0)
