@@ -85,12 +85,13 @@ class Trial:
         ended (finished or failed) before ``when``: the fault hit nothing."""
         proc = self.start()
         hit = self.wait_for(proc, lambda: when(proc))
+        before = self.last_step() if hit else 0
         if hit:
-            before = self.last_step()
             how(proc)
             self.restarts += 1
-            self.retrained += before - self._resumable_step()
         _reap(proc)
+        if hit:  # steps logged by the end (a SIGTERM'd run finishes its step) that the resume trains again
+            self.retrained += max(before, self.last_step()) - self._resumable_step()
         return hit
 
     def finished(self) -> bool:
