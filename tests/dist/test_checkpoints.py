@@ -14,7 +14,6 @@ from ramp_run import (
     ROOT,
     TINY,
     assert_continues,
-    free_port,
     kill_tree,
     ramp_command,
     ramp_env,
@@ -60,25 +59,8 @@ def test_reshard_resume_from_dp2(target, straight_dp2, tmp_path):
 def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
     """Kill -9 while a checkpoint is being written: `latest` still names a complete one, which resumes."""
     ckpts = tmp_path / "checkpoints"
-    args = ["--recipe", "moe-tiny"]
-    for s in [
-        *TINY,
-        f"logging.run_dir={tmp_path}",
-        "training.train_steps=200",
-        "checkpoint.interval=1",
-        "checkpoint.keep_last=3",
-    ]:
-        args += ["--set", s]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "launcher.pretrain",
-        *args,
-    ]
+    sets = ["training.train_steps=200", "checkpoint.interval=1", "checkpoint.keep_last=3"]
+    cmd = ramp_command(tmp_path, sets, nproc=2)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import psutil
@@ -21,9 +20,8 @@ import pytest
 import torch
 from ramp_run import (
     ROOT,
-    TINY,
-    free_port,
     kill_tree,
+    ramp_command,
     ramp_env,
     rank_processes,
     read_metrics,
@@ -244,19 +242,7 @@ def test_second_job_on_a_held_run_dir_stops_naming_the_holder(tmp_path):
 
 
 def test_killed_launcher_leaves_no_workers(tmp_path):
-    args = ["--recipe", "moe-tiny"]
-    for s in [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500"]:
-        args += ["--set", s]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "launcher.pretrain",
-        *args,
-    ]
+    cmd = ramp_command(tmp_path, ["training.train_steps=500"], nproc=2)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -287,20 +273,7 @@ def test_killed_launcher_leaves_no_workers(tmp_path):
 def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
     """SIGSTOP one worker: torchrun sees nothing (the process lives), its peer blocks in a collective; the
     heartbeat names the silent rank after 3 beats instead of the 10-minute collective timeout."""
-    args = ["--recipe", "moe-tiny"]
-    sets = [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500", "resilience.heartbeat_s=1"]
-    for s in sets:
-        args += ["--set", s]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "launcher.pretrain",
-        *args,
-    ]
+    cmd = ramp_command(tmp_path, ["training.train_steps=500", "resilience.heartbeat_s=1"], nproc=2)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -333,18 +306,9 @@ def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
 def test_a_rank_holding_the_gil_is_alive_to_its_peers(tmp_path):
     """Rank 0 holds the GIL for 8 s (> 3 beats of 1 s) in one C call before its data build: its beats come
     from a process of their own, so rank 1 waits instead of naming it dead, and the run finishes."""
-    args = ["--recipe", "moe-tiny"]
-    for s in [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=2", "resilience.heartbeat_s=1"]:
-        args += ["--set", s]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "tests" / "dist" / "gil_holding_rank.py"),
-        *args,
-    ]
+    cmd = ramp_command(tmp_path, ["training.train_steps=2", "resilience.heartbeat_s=1"], nproc=2)
+    entry = cmd.index("launcher.pretrain")  # torchrun starts the wrapper script instead of the module
+    cmd[entry - 1 : entry + 1] = [str(ROOT / "tests" / "dist" / "gil_holding_rank.py")]
     run = subprocess.run(
         cmd,
         cwd=ROOT,
@@ -362,15 +326,7 @@ def test_a_rank_holding_the_gil_is_alive_to_its_peers(tmp_path):
 def test_a_rank_whose_beater_dies_stops_naming_it(tmp_path):
     """Kill rank 1's beater (the process that beats for it): rank 1 would look dead to its peers while
     training on, so it stops itself, exit 4, with a line that says why."""
-    sets = [*TINY, f"logging.run_dir={tmp_path}", "training.train_steps=500", "resilience.heartbeat_s=1"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    cmd += ["-m", "launcher.pretrain", "--recipe", "moe-tiny", *(a for s in sets for a in ("--set", s))]
+    cmd = ramp_command(tmp_path, ["training.train_steps=500", "resilience.heartbeat_s=1"], nproc=2)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ramp_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
