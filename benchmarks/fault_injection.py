@@ -84,20 +84,21 @@ class Trial:
         """Start, wait for ``when``, apply ``how``, reap everything; a restart follows. False when the run
         ended (finished or failed) before ``when``: the fault hit nothing."""
         proc = self.start()
-        hit = self.wait_for(proc, lambda: when(proc))
-        before = self.last_step() if hit else 0
-        if hit:
-            how(proc)
-            self.restarts += 1
+        if not self.wait_for(proc, lambda: when(proc)):
+            _reap(proc)
+            return False
+        before = self.last_step()
+        how(proc)
+        self.restarts += 1
         _reap(proc)
-        if hit:  # steps logged by the end (a SIGTERM'd run finishes its step) that the resume trains again
-            self.retrained += max(before, self.last_step()) - self._resumable_step()
-        return hit
+        # steps logged by the end (a SIGTERM'd run finishes its step) that the resume trains again
+        self.retrained += max(before, self.last_step()) - self.resumable_step()
+        return True
 
     def finished(self) -> bool:
         return (self.dir / "checkpoints" / f"step_{self.steps:07d}").exists()
 
-    def _resumable_step(self) -> int:
+    def resumable_step(self) -> int:
         from launcher import checkpoint
 
         root = self.dir / "checkpoints"
@@ -152,7 +153,7 @@ def kill_storm(trial: Trial, kills: int) -> bool:
         if trial.kills >= kills or trial.finished():
             break
         # The metrics file still holds the lost steps until the restart truncates it: a step past those.
-        target = max(trial.last_step() + 1, trial._resumable_step() + trial.rng.randint(1, 3))
+        target = max(trial.last_step() + 1, trial.resumable_step() + trial.rng.randint(1, 3))
         deadline = time.time() + trial.rng.uniform(3.0, 25.0)
         trial.kills += trial.interrupt(
             lambda p: kill_tree(p.pid, grace_s=0),

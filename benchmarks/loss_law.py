@@ -1,11 +1,12 @@
 """Loss laws with LR annealing: fit on constant + one WSD run, predict six other schedules and two warmups.
 
 moe-tiny on the embedded corpus, one process, batch 8 sequences of 256, LR 2e-3 (calibration.md's optimum),
-warmup 2% of the tokens, equal tokens for every run (default 2.46 M = 1,200 steps at batch 8). Every step
-is logged (the laws read the LR and batch actually applied), the fixed validation set (128 sequences, 32,768
-tokens: the same set for every run, so its sampling offset is shared; the seed repeat below measures what is
-not) is
-evaluated every 2% of the run. Schedules:
+warmup 2% of the tokens, equal tokens for every run (default 1.23 M = 600 steps at batch 8; ten runs, two
+at a time with one torch thread each, took 66 min on 2 cores). Every step is logged (the laws read the LR
+and batch actually applied). The fixed validation set (128 sequences, 32,768 tokens: the same set for every
+run, so its sampling offset is shared; the seed repeat below measures what is not) is evaluated every 2%
+of the run; the batch-warmup runs every 0.5% of their steps, at most 2% of the tokens at their largest
+batch. Schedules:
 
 - ``constant``; ``cosine`` (to 0); ``wsd10`` / ``wsd30``: linear decay to 0 over the last 10% / 30%;
   ``wsd-sqrt``: 1-sqrt decay over the last 20% to 0.1; ``two-step``: x0.3 at 50%, x0.09 at 80%;

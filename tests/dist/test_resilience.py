@@ -290,7 +290,7 @@ def test_a_frozen_peer_is_named_within_the_heartbeat_bound(tmp_path):
             assert time.time() < deadline and proc.poll() is None, "training never started"
             time.sleep(0.5)
         workers = psutil.Process(proc.pid).children(recursive=True)
-        frozen = next(w for w in workers if w.ppid() == proc.pid and w.environ().get("RANK") == "1")
+        frozen = rank_processes(proc.pid)[1]
         frozen.suspend()
         # Far below the 600 s collective timeout (torchrun then gives the frozen rank 30 s to stop).
         _, err = proc.communicate(timeout=120)
