@@ -1,15 +1,18 @@
 """E(S), B_min and B_opt against the target loss from constant-batch runs (arXiv 2601.05034 at tiny scale).
 
 moe-tiny on the embedded corpus, one process, six or more runs identical except for their constant global
-batch (default 2, 4, 8, 16, 32, 64 sequences of 256), the same LR 2e-3 for all (the paper keeps the LR
-when it changes the batch), constant LR after a 2% warmup (the WSD stable phase the paper's E(S) covers),
-equal tokens (default 2.46 M). Every step is logged; the fixed validation set (384 sequences) is evaluated
-every 2% of the run. Per target loss (``--n-targets`` between the loss six runs reach and the highest loss
-every run has passed after 10% of its tokens): E and S per run, the piecewise E(S) fit, B_min and B_opt
-(``launcher/laws/e_of_s.py``), and the B_opt(D) power law with the two ``batch_schedule.kind=bopt`` keys.
-The paper's qualitative claim to check: B_min and B_opt both grow as the target loss falls.
+batch (default 2, 4, 8, 16, 24, 32 sequences of 256; micro-batch the largest divisor <= 8), the same LR
+2e-3 for all (the paper keeps the LR when it changes the batch), constant LR after a 2% warmup (the WSD
+stable phase the paper's E(S) covers), equal tokens (default 1.23 M, the loss-law benchmark's runs; at
+batch 32 that is 150 steps, so the targets reach down to about the loss batch 32 ends at). Every step is
+logged; the fixed validation set (128 sequences, the loss-law benchmark's) is evaluated every 2% of the
+run. Runs train two at a time with one torch thread each (``--workers``). Per target loss (``--n-targets``
+between the loss six runs reach and the highest loss every run has passed after 10% of its tokens): E and
+S per run, the piecewise E(S) fit, B_min and B_opt (``launcher/laws/e_of_s.py``), and the B_opt(D) power
+law with the two ``batch_schedule.kind=bopt`` keys. The paper's qualitative claim to check: B_min and
+B_opt both grow as the target loss falls.
 
-    python benchmarks/e_of_s.py [--tokens 2457600] [--batches 2 4 8 16 32 64]
+    python benchmarks/e_of_s.py [--tokens 1228800] [--batches 2 4 8 16 24 32] [--workers 2]
 
 Writes ``benchmarks/results/e_of_s.json`` (``target_loss``, ``b_min``, ``b_opt`` as equal-length lists, in
 sequences; ``bopt_coef``, ``bopt_exponent``; ``grows_as_loss_falls``) and ``e_of_s.png``; runs are cached
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import cache  # noqa: E402
 from benchmarks.cache import cached_run, code_version  # noqa: E402
-from launcher.laws.e_of_s import BatchRun, analyse, bopt_curve  # noqa: E402
+from launcher.laws.e_of_s import MIN_POINTS, BatchRun, analyse, bopt_curve  # noqa: E402
 from tools.fit_e_of_s import auto_targets, plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,13 +46,15 @@ LR = 2e-3
 
 def sets(tokens: int, batch: int) -> list[str]:
     steps = tokens // (batch * SEQ)
+    micro = max(m for m in range(1, 9) if batch % m == 0)
     return [
         f"training.train_tokens={tokens}",
-        f"training.micro_batch_size={min(batch, 8)}",
+        f"training.micro_batch_size={micro}",
         f"training.global_batch_size={batch}",
-        "training.eval_samples=384",
+        "training.eval_samples=128",
         f"training.eval_interval={max(1, steps // 50)}",
         "training.log_interval=1",
+        "training.threads=1",
         "schedule.style=constant",
         f"schedule.warmup_tokens={round(0.02 * tokens / SEQ) * SEQ}",
         "schedule.warmup_frac=null",
@@ -73,19 +79,35 @@ def to_batch_run(name: str, rec: dict) -> BatchRun:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=2_457_600)
-    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    ap.add_argument("--tokens", type=int, default=1_228_800)
+    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16, 24, 32])
     ap.add_argument("--n-targets", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS / "e_of_s.json")
     ap.add_argument("--cache", type=Path, default=RESULTS / "e_of_s_runs")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=2, help="runs trained at once (one torch thread each)")
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error(f"--workers {args.workers}: must be >= 1")
+    if len(set(args.batches)) < MIN_POINTS:
+        ap.error(f"--batches: give at least {MIN_POINTS} different batches (E(S) has six parameters)")
     version = code_version(CODE_PATHS)
-    with tempfile.TemporaryDirectory(prefix="e_of_s-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="e_of_s-") as tmp,
+        ThreadPoolExecutor(args.workers) as pool,  # each run is a child process with one torch thread
+    ):
         work = args.work or Path(tmp)
+        futures = {
+            b: pool.submit(cached_run, f"b{b}", sets(args.tokens, b), version, args.cache, work)
+            for b in args.batches
+        }
         runs = []
-        for b in args.batches:
-            rec = cached_run(f"b{b}", sets(args.tokens, b), version, args.cache, work)
+        for b, fut in futures.items():  # in batch order; a failed run cancels the queued ones
+            try:
+                rec = fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
             runs.append(to_batch_run(f"b{b}", rec))
             print(
                 f"batch {b:4d}: {len(rec['lr'])} steps, final val {rec['val'][-1][1]:.4f}, "

@@ -5,6 +5,12 @@ created with O_EXCL; a second job finds it and stops with one line naming the ho
 (taken over) when its holder is on this host and that process is gone (or is another process that reused
 the pid), or when its heartbeat (the file's mtime, touched every ``HEARTBEAT_S``) is older than
 ``STALE_AFTER_S``: a holder on a dead node.
+
+The heartbeat comes from a small process the holder starts (:data:`TOUCHER`), not from one of its threads:
+a thread stops while its process holds the GIL, and a rank 0 in one long C call (megatron-core's index
+builds, minutes at trillion-token scale) would let a job on another host take the run directory from a
+live run. The toucher ignores the job's signals (the holder handles them) and ends when its holder is
+gone or the lock no longer names it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +34,26 @@ from launcher.resilience import kill_children
 LOCK_NAME = "ramp.lock"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
+
+#: The lock's toucher, run as ``python -S -c TOUCHER LOCK HOLDER_PID HEARTBEAT_S`` (standard library only).
+TOUCHER = """
+import json, os, signal, sys, time
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, signal.SIG_IGN)
+path, holder, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+due = 0.0
+while os.getppid() == holder:
+    if time.monotonic() >= due:
+        try:
+            with open(path) as f:
+                if json.load(f).get("pid") != holder:
+                    break
+            os.utime(path)
+        except (OSError, ValueError):
+            break
+        due = time.monotonic() + every
+    time.sleep(min(every, 0.5))
+"""
 
 
 def _me() -> dict:
@@ -51,8 +78,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._toucher: subprocess.Popen | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,20 +105,19 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(me)
-            self._thread = threading.Thread(target=self._heartbeat, name="ramp-lock", daemon=True)
-            self._thread.start()
+            self._toucher = subprocess.Popen(
+                [sys.executable, "-S", "-c", TOUCHER, str(self.path), str(os.getpid()), str(HEARTBEAT_S)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
             return
         raise RampError(f"could not take the run lock {self.path}; another job races for it")
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
     def release(self) -> None:
-        self._stop.set()
+        if self._toucher is not None:  # first: it must not touch a lock file the next job creates
+            self._toucher.kill()
+            self._toucher.wait()
+            self._toucher = None
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()

@@ -122,3 +122,64 @@ def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
     while time.time() < deadline and child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.1)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def _lock_holder(tmp_path, hold: str) -> subprocess.Popen:
+    """A process that takes the run lock of ``tmp_path / 'run'`` with a 0.2 s heartbeat, prints
+    ``holding``, then runs ``hold``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import ctypes, sys, time\n"
+        "from launcher import runlock\n"
+        "runlock.HEARTBEAT_S = 0.2\n"
+        "lock = runlock.RunLock(sys.argv[1])\n"
+        "lock.acquire()\n"
+        "print('holding', flush=True)\n"
+        f"{hold}\n"
+        "lock.release()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_the_lock_heartbeat_goes_on_while_its_holder_holds_the_gil(tmp_path):
+    """A holder on another host is judged by the lock's mtime: it must keep moving while the holder sits in
+    one long C call with the GIL held (a thread could not touch it then)."""
+    import time
+
+    lock = tmp_path / "run" / runlock.LOCK_NAME
+    holder = _lock_holder(tmp_path, "ctypes.PyDLL(None).sleep(4)")  # libc sleep, the GIL held throughout
+    t0, m0 = time.monotonic(), lock.stat().st_mtime
+    time.sleep(2.5)
+    m1 = lock.stat().st_mtime
+    assert time.monotonic() - t0 < 3.5 and holder.poll() is None, "the holder left its GIL hold early"
+    assert m1 - m0 >= 1.0, f"the lock's mtime moved {m1 - m0:.2f} s in 2.5 s of a 0.2 s heartbeat"
+    assert holder.wait(timeout=30) == 0
+    assert not lock.exists(), "release() left the lock behind"
+
+
+def test_the_lock_toucher_ends_with_its_holder(tmp_path):
+    import time
+
+    holder = _lock_holder(tmp_path, "time.sleep(120)")
+    (toucher,) = psutil.Process(holder.pid).children()
+    assert runlock.TOUCHER in toucher.cmdline()
+    holder.kill()
+    holder.wait()
+    gone, _ = psutil.wait_procs([toucher], timeout=5)
+    assert gone, "the toucher outlived its holder"
+    # The dead holder's lock is stale: the next job takes it over.
+    lock = tmp_path / "run" / runlock.LOCK_NAME
+    assert json.loads(lock.read_text())["pid"] == holder.pid
+    fresh = runlock.RunLock(tmp_path / "run")
+    fresh.acquire()
+    fresh.release()
+    time.sleep(0.1)
+    assert not lock.exists()
