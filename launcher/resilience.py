@@ -16,6 +16,7 @@ import datetime
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -282,14 +283,11 @@ class Heartbeat:
             signal.signal(sig, signal.SIG_IGN)
         stopped = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
         key, store, said = f"{self._prefix}/{rank}", None, set()
-        # The first connection waits as long as a collective would (quietly: the store may come up with
-        # rank 0's process group); a lost one is retried at the heartbeat's own bound.
-        timeout_s = self.connect_timeout_s
+        self._await_store(parent)
         while os.getppid() == parent:
             try:
                 if psutil.Process(parent).status() not in stopped:
-                    store = store or self._store(timeout_s)
-                    timeout_s = self.every_s * self.misses
+                    store = store or self._store(self.every_s * self.misses)
                     store.add(key, 1)
             except Exception as e:  # the rank's own thread names a lost store; say why once per kind
                 store = None
@@ -299,6 +297,22 @@ class Heartbeat:
                         f"ramp: rank {rank}: heartbeat: {type(e).__name__}: {e}", file=sys.stderr, flush=True
                     )
             time.sleep(self.every_s)
+
+    def _await_store(self, parent: int) -> None:
+        """Until the store accepts connections (under the DeepSpeed launcher or srun, rank 0 creates it with
+        its process group), for as long as a collective would wait: a bare connect to its port every 0.2 s,
+        quiet. Not a store client with a long timeout: its constructor backs off exponentially with jitter
+        and connected up to 11 s after a store that came up 12 s late (measured, torch 2.13), and peers
+        wait only ``misses`` beats for a first one. A rank's start-up under load is that slow: a Slurm job
+        beside other runs stopped twice on a peer "not answered for 15s" that was alive and training."""
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+        deadline = time.monotonic() + self.connect_timeout_s
+        while os.getppid() == parent and time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
 
     def start(self) -> None:
         """Start reading the peers (after the process group exists)."""

@@ -11,17 +11,25 @@ from `latest` (checkpoint.load=auto) and trains to the end, with the per-step lo
 an uninterrupted run, bitwise. (The test lengthens the limit again once the job has requeued: the second
 start would otherwise be signalled at once.)
 
+A failure requeues too: with periodic checkpoints, the test SIGKILLs one training rank of the running job
+(as a crashed process or an OOM kill would). The other rank stops naming it, the launcher, srun and the
+batch script exit non-zero, the template requeues the job, and the second start resumes from the last
+periodic checkpoint and finishes with the same losses, bitwise.
+
 `make test-slurm` installs the packages and runs this; plain `pytest` skips it (see tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import slurm_cluster
 from ramp_run import ROOT, TINY, ramp_env, read_metrics, run_ramp
@@ -57,7 +65,9 @@ def _elapsed_s(run_time: str) -> int:
     return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
-def _submit(cluster: slurm_cluster.Cluster, run_dir: Path, out: Path) -> str:
+def _submit(
+    cluster: slurm_cluster.Cluster, run_dir: Path, out: Path, sets: list[str] = SETS, time_min: int = 10
+) -> str:
     """sbatch the template for moe-tiny as a user would; command-line options replace the #SBATCH lines
     sized for a GPU cluster."""
     env = cluster.env_for(ramp_env())
@@ -66,13 +76,13 @@ def _submit(cluster: slurm_cluster.Cluster, run_dir: Path, out: Path) -> str:
         "--nodes=1",
         "--gpus-per-node=0",  # the template asks for 8 GPUs per node; this node has none
         f"--cpus-per-task={NPROC}",
-        "--time=10",
+        f"--time={time_min}",
         f"--signal=B:TERM@{LEAD_S}",
         f"--output={out}",
         str(SBATCH),
         "moe-tiny",
     ]
-    for s in [*SETS, f"logging.run_dir={run_dir}"]:
+    for s in [*sets, f"logging.run_dir={run_dir}"]:
         args += ["--set", s]
     return cluster.sbatch(args, cwd=ROOT, env=env)
 
@@ -138,3 +148,77 @@ def test_time_limit_signal_requeues_and_the_job_resumes_bitwise(cluster, tmp_pat
     for key in ("loss", "grad_norm"):
         assert {r["step"]: r[key] for r in train} == ref.series(key), key
     print(f"job {job_id}: steps 1-{k} in the first start, {k + 1}-{STEPS} after the requeue")
+
+
+FAIL_EVERY = 20  # periodic checkpoints of the failure test
+FAIL_SETS = [*TINY, f"training.train_steps={STEPS}", f"checkpoint.interval={FAIL_EVERY}"]
+
+
+def _job_rank(job_id: str, rank: int) -> psutil.Process | None:
+    """Training rank ``rank`` of the Slurm job (a process a rank forks inherits its environment: the rank
+    is the one whose parent is no rank of the job)."""
+    ranks = {}
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = p.environ()
+            if (
+                env.get("SLURM_JOB_ID") == job_id
+                and "RANK" in env
+                and "launcher.pretrain" in " ".join(p.cmdline())
+            ):
+                ranks[p.pid] = (p, int(env["RANK"]))
+    return next((p for p, r in ranks.values() if r == rank and p.ppid() not in ranks), None)
+
+
+def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(cluster, tmp_path: Path):
+    run_dir, out = tmp_path / "job", tmp_path / "slurm.out"
+    with ThreadPoolExecutor(1) as pool:
+        ref = pool.submit(run_ramp, tmp_path / "ref", FAIL_SETS, nproc=NPROC, timeout=JOB_TIMEOUT_S)
+        job_id = _submit(cluster, run_dir, out, FAIL_SETS, time_min=30)
+        killed, deadline = None, time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            job = cluster.job(job_id)
+            if job["JobState"] in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+            ):
+                break
+            latest = run_dir / "checkpoints" / "latest"
+            if killed is None and latest.exists() and len(read_metrics(run_dir)[0]) >= FAIL_EVERY + 5:
+                rank1 = _job_rank(job_id, 1)
+                if rank1 is not None:
+                    killed = len(read_metrics(run_dir)[0])
+                    rank1.send_signal(signal.SIGKILL)
+            time.sleep(1)
+        else:
+            cluster.cmd("scancel", job_id)
+            pytest.fail(f"job {job_id} not done after {JOB_TIMEOUT_S} s:\n{out.read_text()[-6000:]}")
+        ref = ref.result().check()
+    text = out.read_text(errors="replace")
+    if job["JobState"] != "COMPLETED" or job["ExitCode"] != "0:0":
+        pytest.fail(
+            f"job {job_id} ended {job['JobState']} ({job['ExitCode']}):\n{text[-6000:]}\n{cluster.log_tail()}"
+        )
+    assert killed is not None, "rank 1 was never found to kill"
+    assert killed < STEPS, f"the kill came after the run ended ({killed} steps logged)"
+    # The first start failed: the template requeued it for its exit status, once.
+    requeues = re.findall(rf"ramp: requeueing job {job_id} \((.*?); restart (\d+)\)", text)
+    assert len(requeues) == 1 and requeues[0][0].startswith("exit ") and requeues[0][1] == "0", requeues
+    assert job["Restarts"] == "1"
+    # The second start resumed from a periodic checkpoint the first one wrote before the kill.
+    resumed = [int(k) for k in re.findall(r"ramp: resumed from \S+ at step (\d+)", text)]
+    assert len(resumed) == 1 and resumed[0] % FAIL_EVERY == 0 and FAIL_EVERY <= resumed[0] <= killed, resumed
+    assert text.count("no checkpoint: fresh start") == 1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+
+    train, _ = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1)), "metrics.jsonl tells more than one story"
+    for key in ("loss", "grad_norm"):
+        assert {r["step"]: r[key] for r in train} == ref.series(key), key
+    print(
+        f"job {job_id}: rank 1 killed after {killed} steps, resumed from step {resumed[0]} after the requeue"
+    )

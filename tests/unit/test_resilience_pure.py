@@ -183,3 +183,47 @@ def test_the_lock_toucher_ends_with_its_holder(tmp_path):
     fresh.release()
     time.sleep(0.1)
     assert not lock.exists()
+
+
+def test_beaters_started_long_before_the_store_beat_as_soon_as_it_is_up(tmp_path):
+    """Under the DeepSpeed launcher or srun the store comes up with rank 0's process group, after every
+    rank's beater is forked; a beater that then took seconds to find it would be named dead by its peers
+    (they wait 3 beats). Eight beaters start 12 s before the store; each must beat within 2 s of it."""
+    import datetime
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from ramp_run import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import time\n"
+        "from launcher.resilience import Heartbeat\n"
+        "for rank in range(8):\n"
+        "    Heartbeat(0.5).fork_beater(rank, 8)\n"
+        "print('forked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    ranks = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert ranks.stdout.readline().strip() == "forked"
+        time.sleep(12)
+        store = dist.TCPStore(
+            "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+        )
+        up, first = time.monotonic(), {}
+        while len(first) < 8 and time.monotonic() - up < 30:
+            for rank in set(range(8)) - set(first):
+                if store.add(f"ramp/hb/0/{rank}", 0) > 0:
+                    first[rank] = time.monotonic() - up
+            time.sleep(0.05)
+        lags = {r: round(first.get(r, float("inf")), 2) for r in range(8)}
+        assert max(lags.values()) <= 2.0, f"seconds from the store's start to each rank's first beat: {lags}"
+    finally:
+        ranks.kill()
+        ranks.wait()
