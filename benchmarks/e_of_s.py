@@ -1,16 +1,16 @@
 """E(S), B_min and B_opt against the target loss from constant-batch runs (arXiv 2601.05034 at tiny scale).
 
 moe-tiny on the embedded corpus, one process, six or more runs identical except for their constant global
-batch (default 2, 4, 8, 16, 24, 32 sequences of 256; micro-batch the largest divisor <= 8), the same LR
-2e-3 for all (the paper keeps the LR when it changes the batch), constant LR after a 2% warmup (the WSD
-stable phase the paper's E(S) covers), equal tokens (default 1.23 M, the loss-law benchmark's runs; at
-batch 32 that is 150 steps, so the targets reach down to about the loss batch 32 ends at). Every step is
-logged; the fixed validation set (128 sequences, the loss-law benchmark's) is evaluated every 2% of the
-run. Runs train two at a time with one torch thread each (``--workers``). Per target loss (``--n-targets``
-between the loss six runs reach and the highest loss every run has passed after 10% of its tokens): E and
-S per run, the piecewise E(S) fit, B_min and B_opt (``launcher/laws/e_of_s.py``), and the B_opt(D) power
-law with the two ``batch_schedule.kind=bopt`` keys. The paper's qualitative claim to check: B_min and
-B_opt both grow as the target loss falls.
+batch (default 2, 4, 8, 16, 24, 32 sequences of 256; micro-batch the largest power of 2 <= 8 dividing it),
+the same LR 2e-3 for all (the paper keeps the LR when it changes the batch), constant LR after a 2% warmup
+(the WSD stable phase the paper's E(S) covers), equal tokens (default 1.23 M, the loss-law benchmark's runs;
+at batch 32 that is 150 steps, so the targets reach down to about the loss batch 32 ends at). Every step is
+logged; the fixed validation set (128 sequences, the loss-law benchmark's) is evaluated every 2% of the run.
+Runs train two at a time with one torch thread each (``--workers``). Per target loss (``--n-targets``
+between the loss six runs reach and the highest loss every run has passed after 10% of its tokens): E and S
+per run, the piecewise E(S) fit, B_min and B_opt (``launcher/laws/e_of_s.py``), and the B_opt(D) power law
+with the two ``batch_schedule.kind=bopt`` keys. The paper's qualitative claim to check: B_min and B_opt both
+grow as the target loss falls.
 
     python benchmarks/e_of_s.py [--tokens 1228800] [--batches 2 4 8 16 24 32] [--workers 2]
 
@@ -46,7 +46,7 @@ LR = 2e-3
 
 def sets(tokens: int, batch: int) -> list[str]:
     steps = tokens // (batch * SEQ)
-    micro = max(m for m in range(1, 9) if batch % m == 0)
+    micro = max(m for m in (1, 2, 4, 8) if batch % m == 0)  # divides the 128 validation sequences too
     return [
         f"training.train_tokens={tokens}",
         f"training.micro_batch_size={micro}",
@@ -85,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "e_of_s.json")
     ap.add_argument("--cache", type=Path, default=RESULTS / "e_of_s_runs")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--workers", type=int, default=2, help="runs trained at once (one torch thread each)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="runs trained at once (each with one torch thread, whatever this is)",
+    )
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error(f"--workers {args.workers}: must be >= 1")
-    if len(set(args.batches)) < MIN_POINTS:
+    args.batches = list(dict.fromkeys(args.batches))  # a batch given twice is one run
+    if len(args.batches) < MIN_POINTS:
         ap.error(f"--batches: give at least {MIN_POINTS} different batches (E(S) has six parameters)")
     version = code_version(CODE_PATHS)
     with (
@@ -123,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "batches": args.batches,
         "target_loss": [r.target for r in fitted],
-        "b_min": [r.fit.b_min / SEQ for r in fitted],
-        "b_opt": [r.fit.b_opt / SEQ for r in fitted],
+        "b_min": [
+            r.b_min / SEQ if r.b_min is not None else None for r in fitted
+        ],  # None: linear stage unmeasured
+        "b_opt": [r.b_opt / SEQ for r in fitted],
         "e_min": [r.fit.E_min for r in fitted],
         "fit_rmse_log": [r.fit.rmse_log for r in fitted],
         "skipped_targets": {f"{r.target:.4f}": r.note for r in results if r.fit is None},
@@ -133,16 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         "bopt_r2": curve.r2 if curve else None,
     }
     falling = sorted(range(len(fitted)), key=lambda i: -out["target_loss"][i])
-    out["grows_as_loss_falls"] = {
-        k: bool(len(falling) >= 2 and all(np.diff([out[k][i] for i in falling]) > 0))
-        for k in ("b_min", "b_opt")
-    }
+
+    def grows(key: str) -> bool | None:
+        """Whether ``key`` rises as the target falls, over the targets where it is measured (None: < 2)."""
+        seq = [out[key][i] for i in falling if out[key][i] is not None]
+        return bool(all(np.diff(seq) > 0)) if len(seq) >= 2 else None
+
+    out["grows_as_loss_falls"] = {k: grows(k) for k in ("b_min", "b_opt")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     plot(results, runs, curve, SEQ, args.out.with_suffix(".png"))
     print(f"\n{'target':>8s} {'B_min':>8s} {'B_opt':>8s} {'E_min':>10s}  (batches in sequences)")
     for t, bm, bo, e in zip(out["target_loss"], out["b_min"], out["b_opt"], out["e_min"]):
-        print(f"{t:8.4f} {bm:8.3g} {bo:8.3g} {e:10.4g}")
+        print(f"{t:8.4f} {'-' if bm is None else f'{bm:.3g}':>8s} {bo:8.3g} {e:10.4g}")
     for t, note in out["skipped_targets"].items():
         print(f"{t:>8s}  skipped: {note}")
     if curve:

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -300,19 +301,22 @@ class Heartbeat:
 
     def _await_store(self, parent: int) -> None:
         """Until the store accepts connections (under the DeepSpeed launcher or srun, rank 0 creates it with
-        its process group), for as long as a collective would wait: a bare connect to its port every 0.2 s,
-        quiet. Not a store client with a long timeout: its constructor backs off exponentially with jitter
-        and connected up to 11 s after a store that came up 12 s late (measured, torch 2.13), and peers
-        wait only ``misses`` beats for a first one. A rank's start-up under load is that slow: a Slurm job
-        beside other runs stopped twice on a peer "not answered for 15s" that was alive and training."""
+        its process group), for as long as a collective would wait: a bare connect to its port, quiet,
+        every 0.2 s growing to 1 s with jitter (thousands of ranks probe one host). Not a store client with
+        a long timeout: its constructor backs off exponentially and connected up to 11 s after a store that
+        came up 12 s late (8 clients, torch 2.13), while peers wait about ``misses`` beats for a first one.
+        A rank's start-up under load is that slow: a Slurm job beside other runs stopped twice on a peer
+        "not answered for 15s" that was alive and training."""
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
         deadline = time.monotonic() + self.connect_timeout_s
+        pause = 0.2
         while os.getppid() == parent and time.monotonic() < deadline:
-            try:
-                with socket.create_connection((host, port), timeout=1.0):
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0) as probe:
+                # Linux can connect a socket to itself when its free source port is the port probed
+                if probe.getsockname() != probe.getpeername():
                     return
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(pause * random.uniform(0.75, 1.25))
+            pause = min(pause * 1.5, 1.0)
 
     def start(self) -> None:
         """Start reading the peers (after the process group exists)."""

@@ -35,7 +35,9 @@ LOCK_NAME = "ramp.lock"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 
-#: The lock's toucher, run as ``python -S -c TOUCHER LOCK HOLDER_PID HEARTBEAT_S`` (standard library only).
+#: The lock's toucher, run as ``python -I -S -c TOUCHER LOCK HOLDER_PID HEARTBEAT_S`` (standard library
+#: only; ``-I``: no working directory or PYTHONPATH on its path). It stops when the lock is gone or names
+#: another holder; a passing file-system error (NFS) is retried at the next beat.
 TOUCHER = """
 import json, os, signal, sys, time
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -44,14 +46,16 @@ path, holder, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 due = 0.0
 while os.getppid() == holder:
     if time.monotonic() >= due:
+        due = time.monotonic() + every
         try:
             with open(path) as f:
                 if json.load(f).get("pid") != holder:
                     break
             os.utime(path)
-        except (OSError, ValueError):
+        except (FileNotFoundError, ValueError):
             break
-        due = time.monotonic() + every
+        except OSError:
+            pass
     time.sleep(min(every, 0.5))
 """
 
@@ -105,11 +109,26 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(me)
-            self._toucher = subprocess.Popen(
-                [sys.executable, "-S", "-c", TOUCHER, str(self.path), str(os.getpid()), str(HEARTBEAT_S)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
+            try:
+                self._toucher = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        "-c",
+                        TOUCHER,
+                        str(self.path),
+                        str(os.getpid()),
+                        str(HEARTBEAT_S),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                )
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                raise RampError(
+                    f"could not start the run lock's heartbeat process ({e}); lock {self.path}"
+                ) from None
             return
         raise RampError(f"could not take the run lock {self.path}; another job races for it")
 

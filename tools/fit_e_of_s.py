@@ -62,8 +62,8 @@ def plot(results: list[TargetResult], runs: list[BatchRun], curve, seq: int, pat
     axes[0].set(xscale="log", yscale="log", xlabel="steps S", ylabel="tokens E (M)", title="E(S) per target")
     fitted = [r for r in results if r.fit is not None]
     tg = [r.target for r in fitted]
-    axes[1].plot(tg, [r.fit.b_opt / seq for r in fitted], "o-", label="B_opt")
-    axes[1].plot(tg, [r.fit.b_min / seq for r in fitted], "s-", label="B_min")
+    axes[1].plot(tg, [r.b_opt / seq for r in fitted], "o-", label="B_opt")
+    axes[1].plot(tg, [np.nan if r.b_min is None else r.b_min / seq for r in fitted], "s-", label="B_min")
     axes[1].set(
         xlabel="target loss", ylabel="batch (sequences)", yscale="log", title="B_min, B_opt vs target"
     )
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(
                 f"{r.target:>8.4f} {len(r.runs):>4} {f.S_opt:>9.4g} {f.E_min:>10.4g} {f.b_opt:>10.4g} "
-                f"{f.b_opt / seq:>9.4g} {f.b_min / seq:>9.4g} {f.rmse_log:>7.4f}"
+                f"{f.b_opt / seq:>9.4g} {'-' if r.b_min is None else f'{r.b_min / seq:.4g}':>9s} "
+                f"{f.rmse_log:>7.4f}"
             )
         fitted = [r for r in results if r.fit is not None]
         curve = None

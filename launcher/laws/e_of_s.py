@@ -46,6 +46,8 @@ from launcher.laws.lr_law import fit_loss_curve
 
 #: Runs needed per target: the form has six free parameters.
 MIN_POINTS = 6
+#: A fit whose E_min is below this fraction of the fewest tokens measured has dived between the points.
+MIN_E_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,12 @@ class EofS:
 
     @property
     def B_0(self) -> float:
-        return self.C * (self.S_1 - self.S_opt) ** 2 + self.E_min - self.B_m1 / (self.S_1 - self.S_min)
+        # B_m1 / (S_1 - S_min) without the division: finite where S_1 and S_min coincide in floating point
+        return (
+            self.C * (self.S_1 - self.S_opt) ** 2
+            + self.E_min
+            - 2.0 * self.C * (self.S_opt - self.S_1) * (self.S_1 - self.S_min)
+        )
 
     @property
     def b_min(self) -> float:
@@ -167,8 +174,11 @@ def fit_e_of_s(S: Sequence[float], E: Sequence[float]) -> EofS:
     s_lo, s_hi, s_at = float(s[0]), float(s[-1]), float(s[i_min])
 
     def resid(x: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            pred = _unpack(x).E(s)
+        try:
+            with np.errstate(all="ignore"):
+                pred = _unpack(x).E(s)
+        except OverflowError:  # a trial step far out of range (exp of a huge log-parameter)
+            return np.full(s.size, 50.0)
         r = np.log(np.where(np.isfinite(pred) & (pred > 0), pred, 1e300)) - np.log(e)
         return np.clip(r, -50, 50)
 
@@ -193,9 +203,22 @@ def fit_e_of_s(S: Sequence[float], E: Sequence[float]) -> EofS:
     return EofS(**{**fit.__dict__, "rmse_log": float(np.sqrt(np.mean(best.fun**2))), "n": int(s.size)})
 
 
+def unsupported(fit: EofS, S: Sequence[float], E: Sequence[float]) -> str:
+    """Why the data do not pin ``fit``'s minimum down ("" when they do): ``S_opt`` outside the measured
+    steps, or ``E_min`` below ``MIN_E_RATIO`` x the fewest tokens measured. Six parameters through six
+    points can dive between them (this benchmark's first run: E_min = 0.015 tokens at two targets)."""
+    s_lo, s_hi, e_lo = float(min(S)), float(max(S)), float(min(E))
+    if not s_lo <= fit.S_opt <= s_hi:
+        return f"degenerate fit: S_opt {fit.S_opt:.4g} outside the measured steps [{s_lo:.4g}, {s_hi:.4g}]"
+    if fit.E_min < MIN_E_RATIO * e_lo:
+        return f"degenerate fit: E_min {fit.E_min:.4g} far below the fewest tokens measured ({e_lo:.4g})"
+    return ""
+
+
 @dataclass(frozen=True)
 class TargetResult:
-    """Per target loss: the (S, E) points of the runs that reach it and the fit (None with too few)."""
+    """Per target loss: the (S, E) points of the runs that reach it and the fit (None with too few points
+    or a degenerate fit, see ``note``)."""
 
     target: float
     runs: tuple[str, ...]
@@ -203,6 +226,17 @@ class TargetResult:
     E: tuple[float, ...]
     fit: EofS | None
     note: str = ""
+
+    @property
+    def b_opt(self) -> float | None:
+        """Tokens per step, where fitted."""
+        return None if self.fit is None else self.fit.b_opt
+
+    @property
+    def b_min(self) -> float | None:
+        """Tokens per step, where the linear stage reaches into the data (``S_2`` below the most steps
+        measured); beyond them its slope is an extrapolation the points do not constrain."""
+        return None if self.fit is None or max(self.S) <= self.fit.S_2 else self.fit.b_min
 
 
 def analyse(
@@ -222,6 +256,8 @@ def analyse(
         fit, note = None, ""
         if ok.sum() >= MIN_POINTS:
             fit = fit_e_of_s(S, E)
+            note = unsupported(fit, S, E)
+            fit = None if note else fit
         else:
             note = f"only {int(ok.sum())} of {len(runs)} runs reach it (need {MIN_POINTS})"
         out.append(TargetResult(float(target), names, tuple(S.tolist()), tuple(E.tolist()), fit, note))

@@ -191,8 +191,9 @@ def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(clus
             if killed is None and latest.exists() and len(read_metrics(run_dir)[0]) >= FAIL_EVERY + 5:
                 rank1 = _job_rank(job_id, 1)
                 if rank1 is not None:
-                    killed = len(read_metrics(run_dir)[0])
                     rank1.send_signal(signal.SIGKILL)
+                    psutil.wait_procs([rank1], timeout=30)
+                    killed = len(read_metrics(run_dir)[0])  # no step completes without rank 1
             time.sleep(1)
         else:
             cluster.cmd("scancel", job_id)
@@ -209,9 +210,11 @@ def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(clus
     requeues = re.findall(rf"ramp: requeueing job {job_id} \((.*?); restart (\d+)\)", text)
     assert len(requeues) == 1 and requeues[0][0].startswith("exit ") and requeues[0][1] == "0", requeues
     assert job["Restarts"] == "1"
-    # The second start resumed from a periodic checkpoint the first one wrote before the kill.
+    # The second start resumed from the last periodic checkpoint the first one completed before the kill
+    # (the one before, when the kill landed while the checkpoint of the last step logged was being saved).
     resumed = [int(k) for k in re.findall(r"ramp: resumed from \S+ at step (\d+)", text)]
-    assert len(resumed) == 1 and resumed[0] % FAIL_EVERY == 0 and FAIL_EVERY <= resumed[0] <= killed, resumed
+    last = killed // FAIL_EVERY * FAIL_EVERY
+    assert len(resumed) == 1 and resumed[0] in (last, last - FAIL_EVERY) and resumed[0] > 0, (resumed, killed)
     assert text.count("no checkpoint: fresh start") == 1
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
 

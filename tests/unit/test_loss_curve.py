@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from launcher.errors import RampError
-from launcher.laws.e_of_s import BatchRun, EofS, analyse, fit_bopt_curve, fit_e_of_s, tokens_to_reach
+from launcher.laws.e_of_s import (
+    BatchRun,
+    EofS,
+    TargetResult,
+    analyse,
+    fit_bopt_curve,
+    fit_e_of_s,
+    tokens_to_reach,
+    unsupported,
+)
 from launcher.laws.loss_curve import (
     Curve,
     LossLaw,
@@ -213,6 +222,17 @@ def test_e_of_s_joins_by_hand():
     # B_-1 = 2 C (S_opt - S_1)(S_1 - S_min)^2 = 2 * 0.125 * 700 * 40000 = 7e6
     assert TRUE_ES.B_m1 == pytest.approx(7e6)
     assert TRUE_ES.E(300 - 1e-6) == pytest.approx(TRUE_ES.E(300 + 1e-6))
+    # B_0 = C (S_1 - S_opt)^2 + E_min - B_-1 / (S_1 - S_min) = 0.125 * 490000 + 1e6 - 7e6 / 200 = 1026250
+    assert pytest.approx(1026250) == TRUE_ES.B_0
+
+
+def test_e_of_s_with_s1_at_s_min_in_floating_point_is_finite():
+    """The fit's log parameterisation can put S_1 on S_min (exp of a very negative gap): the inverse stage
+    is then empty and B_0 the quadratic's value there, C (S_1 - S_opt)^2 + E_min, not a division by 0."""
+    es = EofS(S_min=1e3, S_1=1e3 + 1e-14, S_opt=2e3, S_2=4e3, C=0.5, E_min=1e6)
+    assert es.S_min == es.S_1
+    assert pytest.approx(0.5 * 1e6 + 1e6) == es.B_0
+    assert np.isfinite(es.E([1e3 + 1, 2e3, 5e3])).all()
 
 
 def test_e_of_s_fit_recovers_b_min_and_b_opt():
@@ -248,3 +268,20 @@ def test_bopt_power_law():
     assert fit.coef == pytest.approx(3.0)
     assert fit.exponent == pytest.approx(0.5)
     assert fit.recipe_keys() == ["batch_schedule.bopt_coef=3", "batch_schedule.bopt_exponent=0.5"]
+
+
+def test_a_fit_whose_minimum_is_not_among_the_points_is_refused():
+    S, E = [130.0, 300.0, 1000.0, 3000.0, 9000.0, 20000.0], [2e6, 1.3e6, 1e6, 1.5e6, 4.5e6, 1e7]
+    assert unsupported(TRUE_ES, S, E) == ""
+    # S_opt past the most steps measured; E_min 1e6 against 2.5e6 measured at the least
+    assert "S_opt 1000 outside the measured steps [1.3e+04, 2e+04]" in unsupported(
+        TRUE_ES, [13e3, 2e4], [3e6, 4e6]
+    )
+    assert "E_min 1e+06 far below" in unsupported(TRUE_ES, [300.0, 1000.0, 3000.0], [2.5e6, 3e6, 4e6])
+
+
+def test_b_min_is_reported_only_where_the_linear_stage_has_points():
+    inside = TargetResult(3.0, ("a",), (130.0, 1000.0, 5000.0), (2e6, 1e6, 2.5e6), TRUE_ES)  # S_2 = 3000
+    beyond = TargetResult(3.0, ("a",), (130.0, 1000.0, 2500.0), (2e6, 1e6, 1.3e6), TRUE_ES)
+    assert inside.b_min == pytest.approx(500) and inside.b_opt == pytest.approx(1000)
+    assert beyond.b_min is None and beyond.b_opt == pytest.approx(1000)
