@@ -113,6 +113,27 @@ def _follow(cluster: slurm_cluster.Cluster, job_id: str, run_dir: Path, out: Pat
     pytest.fail(f"job {job_id} not done after {JOB_TIMEOUT_S} s:\n{out.read_text()[-6000:]}")
 
 
+def _job_text(cluster: slurm_cluster.Cluster, job: dict[str, str], job_id: str, out: Path) -> str:
+    """Both starts' output (the template appends: --open-mode=append), once the job completed with exit 0."""
+    text = out.read_text(errors="replace")
+    if job["JobState"] != "COMPLETED" or job["ExitCode"] != "0:0":
+        pytest.fail(
+            f"job {job_id} ended {job['JobState']} ({job['ExitCode']}):\n{text[-6000:]}\n{cluster.log_tail()}"
+        )
+    return text
+
+
+def _assert_finished_like(ref, run_dir: Path, text: str) -> None:
+    """One fresh start, ``latest`` at the last step, every step logged once, with the losses and gradient
+    norms of the uninterrupted reference, bitwise."""
+    assert text.count("no checkpoint: fresh start") == 1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+    train, _ = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1)), "metrics.jsonl tells more than one story"
+    for key in ("loss", "grad_norm"):
+        assert {r["step"]: r[key] for r in train} == ref.series(key), key
+
+
 def test_time_limit_signal_requeues_and_the_job_resumes_bitwise(cluster, tmp_path: Path):
     run_dir, out = tmp_path / "job", tmp_path / "slurm.out"
     with ThreadPoolExecutor(1) as pool:
@@ -121,11 +142,7 @@ def test_time_limit_signal_requeues_and_the_job_resumes_bitwise(cluster, tmp_pat
         job_id = _submit(cluster, run_dir, out)
         job = _follow(cluster, job_id, run_dir, out)
         ref = ref.result().check()
-    text = out.read_text(errors="replace")  # both starts: the template appends (--open-mode=append)
-    if job["JobState"] != "COMPLETED" or job["ExitCode"] != "0:0":
-        pytest.fail(
-            f"job {job_id} ended {job['JobState']} ({job['ExitCode']}):\n{text[-6000:]}\n{cluster.log_tail()}"
-        )
+    text = _job_text(cluster, job, job_id, out)
 
     # The first start trained from scratch until the signal stopped it after step k; the template requeued.
     stopped = {int(k) for k in re.findall(r"ramp: rank \d: stopping after step (\d+)", text)}
@@ -140,13 +157,7 @@ def test_time_limit_signal_requeues_and_the_job_resumes_bitwise(cluster, tmp_pat
     assert f"resumed from {ckpt} at step {k}" in text, (
         f"the first start did not save step {k}:\n{text[-8000:]}"
     )
-    assert text.count("no checkpoint: fresh start") == 1
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
-
-    train, _ = read_metrics(run_dir)
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1)), "metrics.jsonl tells more than one story"
-    for key in ("loss", "grad_norm"):
-        assert {r["step"]: r[key] for r in train} == ref.series(key), key
+    _assert_finished_like(ref, run_dir, text)
     print(f"job {job_id}: steps 1-{k} in the first start, {k + 1}-{STEPS} after the requeue")
 
 
@@ -199,11 +210,7 @@ def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(clus
             cluster.cmd("scancel", job_id)
             pytest.fail(f"job {job_id} not done after {JOB_TIMEOUT_S} s:\n{out.read_text()[-6000:]}")
         ref = ref.result().check()
-    text = out.read_text(errors="replace")
-    if job["JobState"] != "COMPLETED" or job["ExitCode"] != "0:0":
-        pytest.fail(
-            f"job {job_id} ended {job['JobState']} ({job['ExitCode']}):\n{text[-6000:]}\n{cluster.log_tail()}"
-        )
+    text = _job_text(cluster, job, job_id, out)
     assert killed is not None, "rank 1 was never found to kill"
     assert killed < STEPS, f"the kill came after the run ended ({killed} steps logged)"
     # The first start failed: the template requeued it for its exit status, once.
@@ -215,13 +222,7 @@ def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(clus
     resumed = [int(k) for k in re.findall(r"ramp: resumed from \S+ at step (\d+)", text)]
     last = killed // FAIL_EVERY * FAIL_EVERY
     assert len(resumed) == 1 and resumed[0] in (last, last - FAIL_EVERY) and resumed[0] > 0, (resumed, killed)
-    assert text.count("no checkpoint: fresh start") == 1
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
-
-    train, _ = read_metrics(run_dir)
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1)), "metrics.jsonl tells more than one story"
-    for key in ("loss", "grad_norm"):
-        assert {r["step"]: r[key] for r in train} == ref.series(key), key
+    _assert_finished_like(ref, run_dir, text)
     print(
         f"job {job_id}: rank 1 killed after {killed} steps, resumed from step {resumed[0]} after the requeue"
     )

@@ -95,14 +95,23 @@ def test_an_unknown_bad_step_action_is_refused_naming_the_choices():
         load_recipe("moe-tiny", ["resilience.on_bad_steps=retry"])
 
 
+def _run_script(tmp_path, name: str, code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``code`` run from ``tmp_path / name`` by this Python, the repository importable, stdout piped."""
+    from pathlib import Path
+
+    script = tmp_path / name
+    script.write_text(code)
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=env)
+
+
 def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
     """megatron forks checkpoint writers; a worker SIGKILLed mid-save must not leave them behind."""
     import time
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "worker.py"
-    script.write_text(
+    worker = _run_script(
+        tmp_path,
+        "worker.py",
         "import os, sys, time\n"
         "from launcher.runlock import kill_me_with_parent\n"
         "os.register_at_fork(after_in_child=kill_me_with_parent)\n"
@@ -111,10 +120,8 @@ def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
         "    time.sleep(120)\n"
         "    os._exit(0)\n"
         "print(pid, flush=True)\n"
-        "time.sleep(120)\n"
+        "time.sleep(120)\n",
     )
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     child = psutil.Process(int(worker.stdout.readline()))
     assert child.is_running()
     worker.kill()
@@ -128,11 +135,9 @@ def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
 def _lock_holder(tmp_path, hold: str) -> subprocess.Popen:
     """A process that takes the run lock of ``tmp_path / 'run'`` with a 0.2 s heartbeat, prints
     ``holding``, then runs ``hold``."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "holder.py"
-    script.write_text(
+    holder = _run_script(
+        tmp_path,
+        "holder.py",
         "import ctypes, sys, time\n"
         "from launcher import runlock\n"
         "runlock.HEARTBEAT_S = 0.2\n"
@@ -140,11 +145,8 @@ def _lock_holder(tmp_path, hold: str) -> subprocess.Popen:
         "lock.acquire()\n"
         "print('holding', flush=True)\n"
         f"{hold}\n"
-        "lock.release()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    holder = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env
+        "lock.release()\n",
+        str(tmp_path / "run"),
     )
     assert holder.stdout.readline().strip() == "holding"
     return holder
@@ -179,10 +181,10 @@ def test_the_lock_toucher_ends_with_its_holder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    _, alive = psutil.wait_procs([toucher], timeout=5)
+    _, alive = psutil.wait_procs([toucher], timeout=30)  # it polls its parent every 0.2 s; a loaded machine
     for p in alive:  # exited: gone, or a zombie its new parent has not reaped yet
         with contextlib.suppress(psutil.NoSuchProcess):
-            assert p.status() == psutil.STATUS_ZOMBIE, "the toucher outlived its holder"
+            assert p.status() == psutil.STATUS_ZOMBIE, f"the toucher outlived its holder ({p.status()})"
     # The dead holder's lock is stale: the next job takes it over.
     lock = tmp_path / "run" / runlock.LOCK_NAME
     assert json.loads(lock.read_text())["pid"] == holder.pid
@@ -207,25 +209,24 @@ def test_beaters_started_long_before_the_store_beat_as_soon_as_it_is_up(tmp_path
     (they wait 3 beats). Eight beaters start 12 s before the store; each must beat within 2 s of it."""
     import datetime
     import time
-    from pathlib import Path
 
     import torch.distributed as dist
     from ramp_run import free_port
 
-    root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "ranks.py"
-    script.write_text(
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    ranks = _run_script(
+        tmp_path,
+        "ranks.py",
         "import time\n"
         "from launcher.resilience import Heartbeat\n"
         "for rank in range(8):\n"
         "    Heartbeat(0.25).fork_beater(rank, 8)\n"
         "print('forked', flush=True)\n"
-        "time.sleep(120)\n"
+        "time.sleep(120)\n",
+        env=env,
     )
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    ranks = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert ranks.stdout.readline().strip() == "forked"
         time.sleep(12)
