@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=2,
-        help="runs trained at once (each with one torch thread, whatever this is)",
+        help="runs trained at once (each run has one torch thread whatever this is: the same cached runs)",
     )
     args = ap.parse_args(argv)
     if args.workers < 1:
