@@ -4,7 +4,7 @@ its numbers are unchanged, so a results file always comes from the committed cod
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,3 +66,29 @@ def cached_run(name: str, sets: list[str], version: str, cache: Path, work: Path
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
+
+
+def cached_runs(
+    jobs: dict[str, list[str]],
+    version: str,
+    cache: Path,
+    work: Path,
+    workers: int,
+    report: Callable[[str, dict], None],
+) -> dict[str, dict]:
+    """:func:`cached_run` for every ``name -> sets`` of ``jobs``, ``workers`` at a time (each a child
+    process), ``report(name, result)`` as each finishes; a failed run or Ctrl-C cancels the queued ones."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results = {}
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(cached_run, n, sets, version, cache, work): n for n, sets in jobs.items()}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            try:
+                results[name] = fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            report(name, results[name])
+    return results

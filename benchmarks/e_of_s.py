@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import cache  # noqa: E402
-from benchmarks.cache import cached_run, code_version  # noqa: E402
+from benchmarks.cache import cached_runs, code_version  # noqa: E402
 from launcher.laws.e_of_s import MIN_POINTS, BatchRun, analyse, bopt_curve  # noqa: E402
 from tools.fit_e_of_s import auto_targets, plot  # noqa: E402
 
@@ -98,28 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.batches) < MIN_POINTS:
         ap.error(f"--batches: give at least {MIN_POINTS} different batches (E(S) has six parameters)")
     version = code_version(CODE_PATHS)
-    with (
-        tempfile.TemporaryDirectory(prefix="e_of_s-") as tmp,
-        ThreadPoolExecutor(args.workers) as pool,  # each run is a child process with one torch thread
-    ):
-        work = args.work or Path(tmp)
-        futures = {
-            b: pool.submit(cached_run, f"b{b}", sets(args.tokens, b), version, args.cache, work)
-            for b in args.batches
-        }
-        runs = []
-        for b, fut in futures.items():  # in batch order; a failed run cancels the queued ones
-            try:
-                rec = fut.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            runs.append(to_batch_run(f"b{b}", rec))
-            print(
-                f"batch {b:4d}: {len(rec['lr'])} steps, final val {rec['val'][-1][1]:.4f}, "
-                f"wall {rec['wall_s']:.0f}s",
-                flush=True,
-            )
+    jobs = {f"b{b}": sets(args.tokens, b) for b in args.batches}
+
+    def report(name: str, rec: dict) -> None:
+        print(
+            f"batch {name[1:]:>4s}: {len(rec['lr'])} steps, final val {rec['val'][-1][1]:.4f}, "
+            f"wall {rec['wall_s']:.0f}s",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="e_of_s-") as tmp:  # each run: one torch thread
+        recs = cached_runs(jobs, version, args.cache, args.work or Path(tmp), args.workers, report)
+    runs = [to_batch_run(name, recs[name]) for name in jobs]  # in batch order
     targets = auto_targets(runs, args.n_targets, 0.1)
     results = analyse(runs, targets)
     fitted = [r for r in results if r.fit is not None]

@@ -35,7 +35,6 @@ import argparse
 import json
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import cache  # noqa: E402
-from benchmarks.cache import cached_run, code_version  # noqa: E402
+from benchmarks.cache import cached_runs, code_version  # noqa: E402
 from launcher.laws.loss_curve import LAWS, Curve, StepSchedule, compare, fit_loss_law  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -222,25 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {n: [*base(args.tokens), *table[n]] for n in names}
     if not args.no_repeat:
         jobs[REPEAT] = [*base(args.tokens), *table["constant"], "training.seed=1"]
-    with (
-        tempfile.TemporaryDirectory(prefix="loss_law-") as tmp,
-        ThreadPoolExecutor(args.workers) as pool,  # each run is a child process with one torch thread
-    ):
-        work = args.work or Path(tmp)
-        futures = {pool.submit(cached_run, n, sets, version, args.cache, work): n for n, sets in jobs.items()}
-        recs = {}
-        for fut in as_completed(futures):
-            n = futures[fut]
-            try:
-                recs[n] = fut.result()
-            except BaseException:  # a failed run or Ctrl-C: the queued runs are not started
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            print(
-                f"{n:14s} final val {recs[n]['val'][-1][1]:.4f}  steps {len(recs[n]['lr'])}  "
-                f"wall {recs[n]['wall_s']:.0f}s",
-                flush=True,
-            )
+
+    def report(n: str, rec: dict) -> None:
+        print(
+            f"{n:14s} final val {rec['val'][-1][1]:.4f}  steps {len(rec['lr'])}  wall {rec['wall_s']:.0f}s",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="loss_law-") as tmp:  # each run: one torch thread
+        recs = cached_runs(jobs, version, args.cache, args.work or Path(tmp), args.workers, report)
     repeat = recs.pop(REPEAT, None)
     recs = {n: recs[n] for n in names}
     curves = {n: to_curve(n, r) for n, r in recs.items()}

@@ -265,14 +265,15 @@ class Heartbeat:
                 os._exit(code)
         self._beater_pid = pid
 
+    @staticmethod
+    def _store_address() -> tuple[str, int]:
+        """Where the launcher's store listens: MASTER_ADDR (default this host) and MASTER_PORT."""
+        return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+
     def _store(self, timeout_s: float) -> dist.TCPStore:
         """A client of the launcher's store (its own connection: clients are not shared across threads)."""
-        return dist.TCPStore(
-            os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        host, port = self._store_address()
+        return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
     def _beat(self, parent: int, rank: int) -> None:
         from launcher.runlock import kill_me_with_parent
@@ -307,11 +308,11 @@ class Heartbeat:
         came up 12 s late (8 clients, torch 2.13), while peers wait about ``misses`` beats for a first one.
         A rank's start-up under load is that slow: a Slurm job beside other runs stopped twice on a peer
         "not answered for 15s" that was alive and training."""
-        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+        address = self._store_address()
         deadline = time.monotonic() + self.connect_timeout_s
         pause = 0.2
         while os.getppid() == parent and time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0) as probe:
+            with contextlib.suppress(OSError), socket.create_connection(address, timeout=1.0) as probe:
                 # Linux can connect a socket to itself when its free source port is the port probed
                 if probe.getsockname() != probe.getpeername():
                     return
@@ -365,8 +366,7 @@ class Heartbeat:
                         _die(f"rank {peer} has not answered for {still * self.every_s:.0f}s (dead or hung)")
             except Exception as e:  # the store went away with its host
                 if not self._stop.is_set():
-                    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-                    _die(f"the rendezvous store at {host} stopped answering ({e})")
+                    _die(f"the rendezvous store at {self._store_address()[0]} stopped answering ({e})")
                 return
 
 

@@ -6,6 +6,8 @@ process per run is also what a user gets.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -117,9 +119,18 @@ def assert_continues(
 
 
 def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
-    """The training ranks under a launcher, by global rank: processes with a RANK in their environment
-    whose parent has none (a process a rank forks, its heartbeat's beater or a checkpoint writer, inherits
-    the environment but is not a rank)."""
-    procs = psutil.Process(launcher_pid).children(recursive=True)
-    ranked = {p.pid: p for p in procs if "RANK" in p.environ()}
-    return {int(p.environ()["RANK"]): p for p in ranked.values() if p.ppid() not in ranked}
+    """The training ranks under a launcher, by global rank (:func:`ranks_among` its descendants)."""
+    return ranks_among(psutil.Process(launcher_pid).children(recursive=True))
+
+
+def ranks_among(procs: Iterable[psutil.Process]) -> dict[int, psutil.Process]:
+    """The training ranks among ``procs``, by global rank: processes with a RANK in their environment whose
+    parent has none (a process a rank forks, its heartbeat's beater or a checkpoint writer, inherits the
+    environment but is not a rank)."""
+    ranked: dict[int, tuple[psutil.Process, int, int]] = {}  # pid -> (process, rank, parent pid)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to read
+            env = p.environ()
+            if "RANK" in env:
+                ranked[p.pid] = (p, int(env["RANK"]), p.ppid())
+    return {rank: p for p, rank, parent in ranked.values() if parent not in ranked}

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 import slurm_cluster
-from ramp_run import ROOT, TINY, ramp_env, read_metrics, run_ramp
+from ramp_run import ROOT, TINY, ramp_env, ranks_among, read_metrics, run_ramp
 
 pytestmark = pytest.mark.slurm
 
@@ -166,19 +166,13 @@ FAIL_SETS = [*TINY, f"training.train_steps={STEPS}", f"checkpoint.interval={FAIL
 
 
 def _job_rank(job_id: str, rank: int) -> psutil.Process | None:
-    """Training rank ``rank`` of the Slurm job (a process a rank forks inherits its environment: the rank
-    is the one whose parent is no rank of the job)."""
-    ranks = {}
+    """Training rank ``rank`` of the Slurm job."""
+    job = []
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            env = p.environ()
-            if (
-                env.get("SLURM_JOB_ID") == job_id
-                and "RANK" in env
-                and "launcher.pretrain" in " ".join(p.cmdline())
-            ):
-                ranks[p.pid] = (p, int(env["RANK"]))
-    return next((p for p, r in ranks.values() if r == rank and p.ppid() not in ranks), None)
+            if p.environ().get("SLURM_JOB_ID") == job_id and "launcher.pretrain" in " ".join(p.cmdline()):
+                job.append(p)
+    return ranks_among(job).get(rank)
 
 
 def test_a_killed_rank_fails_the_start_and_the_requeued_job_resumes_bitwise(cluster, tmp_path: Path):

@@ -96,13 +96,18 @@ def test_an_unknown_bad_step_action_is_refused_naming_the_choices():
 
 
 def _run_script(tmp_path, name: str, code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``code`` run from ``tmp_path / name`` by this Python, the repository importable, stdout piped."""
-    from pathlib import Path
+    """``code`` run from ``tmp_path / name`` by this Python in a child run's environment (the repository
+    importable, no variables of an enclosing job) plus ``env``, stdout piped."""
+    from ramp_run import ramp_env
 
     script = tmp_path / name
     script.write_text(code)
-    env = {**(os.environ if env is None else env), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**ramp_env(), **(env or {})},
+    )
 
 
 def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
@@ -214,8 +219,7 @@ def test_beaters_started_long_before_the_store_beat_as_soon_as_it_is_up(tmp_path
     from ramp_run import free_port
 
     port = free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     ranks = _run_script(
         tmp_path,
         "ranks.py",
