@@ -6,6 +6,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What fixes the numbers of a moe-tiny training run: the training program, its patches and the recipe.
@@ -68,6 +72,28 @@ def cached_run(name: str, sets: list[str], version: str, cache: Path, work: Path
     return result
 
 
+def in_parallel(
+    jobs: dict[K, Callable[[], T]], workers: int, report: Callable[[K, T], None] | None = None
+) -> dict[K, T]:
+    """Every ``key -> fn()`` of ``jobs``, ``workers`` at a time (threads: each trains child processes),
+    ``report(key, result)`` as each finishes; a failed job or Ctrl-C cancels the queued ones."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results: dict[K, T] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {pool.submit(fn): key for key, fn in jobs.items()}
+        for fut in as_completed(futures):
+            key = futures[fut]
+            try:
+                results[key] = fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            if report is not None:
+                report(key, results[key])
+    return results
+
+
 def cached_runs(
     jobs: dict[str, list[str]],
     version: str,
@@ -78,17 +104,7 @@ def cached_runs(
 ) -> dict[str, dict]:
     """:func:`cached_run` for every ``name -> sets`` of ``jobs``, ``workers`` at a time (each a child
     process), ``report(name, result)`` as each finishes; a failed run or Ctrl-C cancels the queued ones."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from functools import partial
 
-    results = {}
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(cached_run, n, sets, version, cache, work): n for n, sets in jobs.items()}
-        for fut in as_completed(futures):
-            name = futures[fut]
-            try:
-                results[name] = fut.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            report(name, results[name])
-    return results
+    runs = {n: partial(cached_run, n, sets, version, cache, work) for n, sets in jobs.items()}
+    return in_parallel(runs, workers, report)

@@ -6,14 +6,16 @@ control under WSD (issue 15).
    LR held, read-off on the fixed validation set, branch length from the noise floor), stopping at the first
    failure. The CBS curve is fitted per seed (laws/cbs.py). Shape check: the first fork at the low edge (CBS
    near 0), a rise, and the fitted plateau reached inside the run; seeds agree within 2x at every fork.
-2. **Online run**: the same WSD run with online probes (``probes:`` at the same fork points,
-   ``batch_schedule: {kind: cbs, cbs_source: probes}``): at each fork the run pauses, branches from itself,
-   and grows its batch by the doubling rule on the newest read-off, to ``CBS_FRACTION`` of the CBS and at
-   most ``MAX_BATCH`` (calibration.md: under WSD, growing to the full CBS early lost 1.06% to the small
-   control); against the small control at equal tokens.
-3. **Cost**: the online run's branch tokens / its own tokens (``probe_cost_frac``), the curve's, and
-   projected for moe-1b-a0.2b by the same rules (forks, branches until the first failure, branch length from
-   the noise floor with a floor of ``min_steps`` steps of the largest branch).
+2. **Online run**: the same WSD run with online probes (``probes:`` on the grid ``ONLINE_FORKS``,
+   ``batch_schedule: {kind: cbs, cbs_source: probes}``) grows its batch by the paper's doubling rule on the
+   newest read-off (``CBS_FRACTION`` of the CBS, at most ``MAX_BATCH``); against the small control at equal
+   tokens. The run itself is each fork's k = 1 branch (``probes.reference: run``), only the multipliers that
+   can change the decision run (``probes.deciding_only``), and a branch evaluates once, at its end (its
+   noise sd is the noise-floor model's that set its length).
+3. **Cost**: the probes' compute over the run's (``probe_cost_frac``: trained tokens, plus evaluated tokens
+   at a third each), the curve's, and projected for moe-1b-a0.2b by the same rules (forks, child branches
+   per fork as measured, branch length from the noise floor with a floor of ``min_steps`` steps of the
+   largest branch, their evaluations).
 
     python benchmarks/cbs_curve.py [--seeds 0 1] [--online-seeds 0 1 2]
     python benchmarks/cbs_curve.py --seeds --online-seeds 0      # the online run and its control only
@@ -33,6 +35,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,26 +48,34 @@ from benchmarks import cache  # noqa: E402
 from benchmarks.cache import code_version, run_key  # noqa: E402
 from launcher import recipe as recipe_mod  # noqa: E402
 from launcher.laws import cbs as cbs_law  # noqa: E402
-from launcher.probes import ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
+from launcher.probes import RUN_ITSELF, ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CODE_PATHS = (*cache.MOE_TINY_CODE, "benchmarks/cbs_curve.py")
 # >= 6 points, dense early (the CBS rises fast): a geometric grid, which the online run's probes: takes
 FIRST_FORK, FORK_GROWTH = 0.02, 2.0
 FORK_FRACS = tuple(FIRST_FORK * FORK_GROWTH**i for i in range(6))  # 0.02 ... 0.64
-CBS_FRACTION, MAX_BATCH = 0.5, 32
+# The online run forks at 2%, 8% and 32%: a fork costs at least a branch length (5% of this run), and the
+# first online run (cbs_curve.json before this grid, forks at 2-64%) read the same CBS at 16% as at 8% and
+# at 64% as at 32%.
+ONLINE_GROWTH = 4.0
+ONLINE_EVALS = 1
+# The paper's rule (grow while CBS > 2 B); the first online run's half-CBS rule never grew (a CBS of 32 at
+# batch 8 is not over 4 x 8).
+CBS_FRACTION, MAX_BATCH = 1.0, 32
 
 
 def sizes(tiny: bool) -> dict:
-    if tiny:  # the test model: 16 x 64-token sequences per step, 24 steps, two forks, k = 1, 2
+    if tiny:  # the test model: 16 x 64-token sequences per step, 24 steps, two forks, k = 1, 4
         return {
             "base": [*TINY, "training.eval_samples=16", "training.eval_interval=6"],
+            "eval_samples": 16,
             "seq": 64,
             "batch": 16,
             "steps": 24,
             "forks": (0.25, 0.5),
             "first_fork": 0.25,
-            "ks": [1, 2],
+            "ks": [1, 4],
             "wsd": ["schedule.style=wsd", "schedule.warmup_tokens=1024", "schedule.decay.start_frac=0.8"],
             "probe": {"budget_tokens": 4096, "evals": 2},
             "nproc": 1,
@@ -79,6 +90,7 @@ def sizes(tiny: bool) -> dict:
             "logging.wandb.enabled=false",
             "logging.plots=false",
         ],
+        "eval_samples": 384,
         "seq": 256,
         "batch": 8,
         "steps": 1200,  # 2.46 M tokens, calibration.md's run
@@ -146,6 +158,8 @@ def curve(sz: dict, seed: int, work: Path, cache: Path, version: str) -> dict:
             "forks": recs,
             "fit": fit,
             "probe_tokens": sum(r["branch_tokens"] for r in recs),
+            "probe_eval_tokens": sum(r["eval_tokens"] for r in recs),
+            "main_eval_tokens": len(main.evals) * sz["eval_samples"] * sz["seq"],
         }
 
     return cached(cache, f"curve-s{seed}", [*sets, json.dumps(sz["probe"]), str(sz["ks"])], version, go)
@@ -167,7 +181,7 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
     tokens = sz["steps"] * sz["batch"] * sz["seq"]
     b0 = sz["batch"]
     cap = b0 * 2 ** max(0, round(math.log2(max(MAX_BATCH, b0) / b0)))
-    probe = {"budget_tokens": None, "evals": 6, **sz["probe"]}
+    probe = {"budget_tokens": None, "evals": ONLINE_EVALS, **sz["probe"]}
     sets = [
         *main_sets(sz, seed),
         "batch_schedule.kind=cbs",
@@ -175,7 +189,7 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
         f"batch_schedule.cbs_fraction={CBS_FRACTION}",
         f"batch_schedule.max_batch={cap}",
         f"probes.first_tokens={round(sz['first_fork'] * tokens)}",
-        f"probes.growth={FORK_GROWTH}",
+        f"probes.growth={ONLINE_GROWTH}",
         f"probes.multipliers={json.dumps(sz['ks'])}",
         f"probes.nproc={sz['nproc']}",
         f"probes.budget_tokens={json.dumps(probe['budget_tokens'])}",
@@ -189,22 +203,36 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
             json.loads(ln) for ln in (run.run_dir / "probes" / "probes.jsonl").read_text().splitlines()
         ]
         last = run.train[-1]
+        keys = (
+            "tokens",
+            "step",
+            "decided_at_tokens",
+            "cbs",
+            "cbs_upper",
+            "edge",
+            "batch_before",
+            "batch_after",
+        )
         return {
             "steps": last["step"],
             "final_loss": run.evals[-1]["val_loss"],
             "probe_tokens": last["probe_tokens"],
+            "probe_eval_tokens": last["probe_eval_tokens"],
             "probe_cost_frac": last["probe_cost_frac"],
             "main_tokens": last["tokens"],
             "batches": [[0, b0]]
-            + [[r["tokens"], r["batch_after"]] for r in records if r["batch_after"] != r["batch_before"]],
+            + [
+                [r["decided_at_tokens"], r["batch_after"]]
+                for r in records
+                if r["batch_after"] != r["batch_before"]
+            ],
             "forks": [
-                {
-                    k: r.get(k)
-                    for k in ("tokens", "step", "cbs", "cbs_upper", "edge", "batch_before", "batch_after")
-                }
+                {k: r.get(k) for k in keys}
                 | {
+                    "ks": [b["k"] for b in r.get("branches", [])],
                     "losses": [b["loss"] for b in r.get("branches", [])],
-                    "n_branches": len(r.get("branches", [])),
+                    "child_branches": sum(b["run_dir"] != RUN_ITSELF for b in r.get("branches", [])),
+                    "reference": r.get("reference"),
                     "seconds": r.get("seconds"),
                 }
                 for r in records
@@ -214,24 +242,31 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
     return cached(cache, f"online-s{seed}", sets, version, go)
 
 
-def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float) -> dict:
-    """Probe cost of moe-1b-a0.2b at its budget by the same rules: the noise-floor branch length (or the
-    min-steps floor of the largest branch, whichever is longer) x branches x forks / run tokens."""
+def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float, reference_evals: float) -> dict:
+    """Probe cost of moe-1b-a0.2b at its budget by the same rules: per fork, ``branches_per_fork`` child
+    branches of the noise-floor length (or the min-steps floor of the largest branch, whichever is longer)
+    with ``cfg.evals`` evaluations each, and ``reference_evals`` extra evaluations of the run; over the
+    run's training and its own evaluations (an evaluated token a third of a trained one)."""
     r = recipe_mod.load("moe-1b-a0.2b")
-    seq, batch = r.model.seq_length, r.training.global_batch_size
-    tokens = int(r.training.train_tokens)
+    seq, batch, t = r.model.seq_length, r.training.global_batch_size, r.training
+    tokens = int(t.train_tokens)
     per_step = int(max(cfg.multipliers) * batch) * seq
     budget = cbs_law.branch_tokens(
         cfg.noise_sd, cfg.noise_tokens, cfg.epsilon, min_tokens=cfg.min_steps * per_step
     )
     budget = -(-budget // per_step) * per_step
+    one_eval = t.eval_samples * seq / 3
+    probe = forks * (branches_per_fork * (budget + cfg.evals * one_eval) + reference_evals * one_eval)
+    run = tokens + (tokens // (batch * seq) // t.eval_interval) * one_eval
     return {
         "recipe": "moe-1b-a0.2b",
         "train_tokens": tokens,
         "branch_tokens": budget,
         "forks": forks,
         "branches_per_fork": branches_per_fork,
-        "probe_cost_frac": forks * branches_per_fork * budget / tokens,
+        "evals_per_branch": cfg.evals,
+        "reference_evals_per_fork": reference_evals,
+        "probe_cost_frac": probe / run,
     }
 
 
@@ -241,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--online-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the online run")
     ap.add_argument("--tiny", action="store_true", help="the test model, minutes: checks the pipeline only")
     ap.add_argument("--out", type=Path, default=None, help="results directory (--tiny: required)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="runs trained at once (each a 1-process job; on 2 cores, 2 runs take ~1.6x one run's time)",
+    )
     args = ap.parse_args(argv)
     if args.tiny and args.out is None:
         ap.error("--tiny writes nowhere near benchmarks/results: give --out DIR")
@@ -249,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS
     sz = sizes(args.tiny)
     version = code_version(CODE_PATHS)
-    cache = out / ("cbs_curve_runs_tiny" if args.tiny else "cbs_curve_runs")
+    cache_dir = out / ("cbs_curve_runs_tiny" if args.tiny else "cbs_curve_runs")
     work = Path(tempfile.mkdtemp(prefix="cbs_curve_"))
-    curves = {s: curve(sz, s, work, cache, version) for s in args.seeds}
-    small = {
-        s: curves[s] if s in curves else small_run(sz, s, work, cache, version) for s in args.online_seeds
-    }
-    online = {s: online_run(sz, s, work, cache, version) for s in args.online_seeds}
+    jobs = {("curve", s): curve for s in args.seeds}
+    jobs |= {("small", s): small_run for s in args.online_seeds if s not in args.seeds}
+    jobs |= {("online", s): online_run for s in args.online_seeds}
+    done = cache.in_parallel(
+        {key: partial(fn, sz, key[1], work, cache_dir, version) for key, fn in jobs.items()},
+        args.workers,
+        lambda key, _: print(f"cbs_curve: the {key[0]} run of seed {key[1]} is done", flush=True),
+    )
+    curves = {s: done["curve", s] for s in args.seeds}
+    small = {s: curves[s] if s in curves else done["small", s] for s in args.online_seeds}
+    online = {s: done["online", s] for s in args.online_seeds}
     cfg = ProbeConfig(multipliers=sz["ks"], **sz["probe"])
     result: dict = {"code_version": version, "tiny": args.tiny, "seeds": args.seeds}
     if curves:
@@ -270,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             "confidence": {str(s): [f["note"] for f in curves[s]["forks"]] for s in args.seeds},
             "fit": {str(s): curves[s]["fit"] for s in args.seeds},
             "curve_probe_cost_frac": statistics.mean(
-                curves[s]["probe_tokens"] / curves[s]["main_tokens"] for s in args.seeds
+                (c["probe_tokens"] + c["probe_eval_tokens"] / 3)
+                / (c["main_tokens"] + c["main_eval_tokens"] / 3)
+                for c in (curves[s] for s in args.seeds)
             ),
             "shape": {
                 "near_zero_at_start": all(curves[s]["forks"][0]["edge"] == "low" for s in args.seeds),
@@ -282,15 +331,24 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds_within_2x": agree,
             },
         }
-    forks = [f for s in args.seeds for f in curves[s]["forks"]] + [
-        f for s in args.online_seeds for f in online[s]["forks"]
-    ]
-    branches = statistics.mean(len(f["branches"]) if "branches" in f else f["n_branches"] for f in forks)
-    result["branch_tokens"] = budget_tokens(cfg, read_fork_stub(sz))
-    result["projection_1b"] = projection_1b(cfg, len(sz["forks"]), branches)
+    result["branch_tokens"] = budget_tokens(cfg, sz["batch"], sz["seq"])
+    # the 1B projection by the online run's rules where there is one (forks and child branches per fork as
+    # it measured them, the run as k = 1, one evaluation per branch), else by the curve's
+    if online:
+        forks = [f for s in args.online_seeds for f in online[s]["forks"]]
+        n_forks = statistics.mean(len(online[s]["forks"]) for s in args.online_seeds)
+        children = statistics.mean(f["child_branches"] for f in forks) if forks else 0.0
+        evals = sz["probe"].get("evals", ONLINE_EVALS)
+        pcfg = ProbeConfig(multipliers=sz["ks"], **(sz["probe"] | {"evals": evals}))
+        result["projection_1b"] = projection_1b(pcfg, n_forks, children, reference_evals=evals)
+    else:
+        forks = [f for s in args.seeds for f in curves[s]["forks"]]
+        children = statistics.mean(len(f["branches"]) for f in forks)
+        result["projection_1b"] = projection_1b(cfg, len(sz["forks"]), children, reference_evals=0)
     goals: dict = {"projected 1B probe cost <= 0.02": result["projection_1b"]["probe_cost_frac"] <= 0.02}
     if online:
         seeds = args.online_seeds
+        tokens = sz["steps"] * sz["batch"] * sz["seq"]
         steps_saved = [1 - online[s]["steps"] / small[s]["small_steps"] for s in seeds]
         result["probe_cost_frac"] = statistics.mean(online[s]["probe_cost_frac"] for s in seeds)
         result["online"] = {
@@ -307,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
             "probe_cost_frac": [online[s]["probe_cost_frac"] for s in seeds],
             "batches": {str(s): online[s]["batches"] for s in seeds},
             "forks": {str(s): online[s]["forks"] for s in seeds},
+            "probe_train_frac": [online[s]["probe_tokens"] / online[s]["main_tokens"] for s in seeds],
             "mode": "in-job: the probes: section forks from the run and its decisions set the batch",
             "cbs_fraction": CBS_FRACTION,
             "max_batch": MAX_BATCH,
+            "forks_at_tokens": cbs_law.fork_points(
+                ProbeConfig(first_tokens=round(sz["first_fork"] * tokens), growth=ONLINE_GROWTH), tokens
+            ),
+            "reference": "run",
+            "deciding_only": True,
+            "evals_per_branch": sz["probe"].get("evals", ONLINE_EVALS),
         }
         goals |= {
             "steps_saved >= 55% on every seed": all(x >= 0.55 for x in steps_saved),
@@ -339,13 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1B projection {result['projection_1b']['probe_cost_frac']:.4f}", json.dumps(goals))
     shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def read_fork_stub(sz: dict):
-    """A fork of the benchmark's main run, for the branch length it implies (no checkpoint read)."""
-    from launcher.probes import Fork
-
-    return Fork(Path("-"), 0, 0, sz["batch"], 2e-3, 1.0, sz["seq"], [(0, sz["batch"])])
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def build_trainer(
     probes = []
     if r.probes.online:  # first at a step start: its decision is the batch the batch callback then sets
         drive = bs if bs.kind == "cbs" and bs.cbs_source == "probes" else None
-        probes = [CbsProbes(r.probes, run_dir, r.requested_tokens, drive)]
+        probes = [CbsProbes(r.probes, run_dir, r.requested_tokens, drive, schedule)]
     callbacks = [
         *probes,
         BatchSizeSchedule(

@@ -20,14 +20,20 @@ its last step used: peak x batch-rule factor x schedule factor) starts one branc
   (the last one at its end: the read-off loss; the others give the noise estimate).
 
 Multipliers run in increasing order and a fork stops at the first ``k`` that fails the epsilon test or
-does not finish; a branch that did not finish is recorded with its error, never dropped. ``probes.jsonl``
-gets one line per fork, and ``cbs_vs_tokens.png`` the CBS intervals with the fitted curve.
+does not finish; a branch that did not finish is recorded with its error, never dropped. A branch with too
+few evaluations for a noise estimate of its own (under 3 in its tail) gets the noise floor model's
+(``laws.cbs.noise_at``, the model that set its length). The online probes may give the k = 1 read-off
+from the run itself (``reference``): that branch is then not run. ``probes.jsonl`` gets one line per fork
+with its cost (``branch_tokens`` trained, ``eval_tokens`` evaluated), and ``cbs_vs_tokens.png`` the CBS
+intervals with the fitted curve.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +51,7 @@ __all__ = ["BRANCH_SCHEDULES", "Fork", "ProbeConfig", "fit_and_plot", "read_fork
 PROBES_FILE = "probes.jsonl"
 PLOT_FILE = "cbs_vs_tokens.png"
 FIT_FILE = "cbs_fit.json"
+RUN_ITSELF = "run"  # a branch record's run_dir when the run itself stood in for k = 1
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Fork:
     lr_factor: float  # the schedule factor alone (for the decay's end ratio)
     seq_length: int
     phases: list[tuple[int, int]]  # the parent's (start tokens, batch) phases before the fork
+    data_tokens: int = 0  # the tokens the parent's train data was built for (its sample order)
 
 
 def read_fork(run_dir: Path, checkpoint: Path) -> tuple[Any, Fork]:
@@ -91,15 +99,17 @@ def read_fork(run_dir: Path, checkpoint: Path) -> tuple[Any, Fork]:
         factor,
         r.model.seq_length,
         phases,
+        max(d.data_tokens, d.train_tokens),
     )
     return r, fork
 
 
-def budget_tokens(cfg: ProbeConfig, fork: Fork) -> int:
-    """The branch length, rounded up to whole steps of every branch (a common multiple of their step
-    sizes), so every branch trains exactly these tokens, on the same sequences."""
-    unit = math.lcm(*(round(k * fork.batch) * fork.seq_length for k in cfg.multipliers))
-    per_step = int(max(cfg.multipliers) * fork.batch) * fork.seq_length
+def budget_tokens(cfg: ProbeConfig, batch: int, seq_length: int) -> int:
+    """The branch length of a fork at ``batch`` sequences per step, rounded up to whole steps of every
+    branch (a common multiple of their step sizes), so every branch trains exactly these tokens, on the
+    same sequences."""
+    unit = math.lcm(*(round(k * batch) * seq_length for k in cfg.multipliers))
+    per_step = int(max(cfg.multipliers) * batch) * seq_length
     if cfg.budget_tokens is not None:
         want = cfg.budget_tokens
     else:
@@ -109,6 +119,15 @@ def budget_tokens(cfg: ProbeConfig, fork: Fork) -> int:
     return -(-want // unit) * unit
 
 
+def eval_steps(start_step: int, steps: int, evals: int) -> list[int]:
+    """The steps at which a branch of ``steps`` steps from ``start_step`` evaluates: every
+    ``max(1, steps // evals)``-th step number (its ``training.eval_interval``) and its last step, as the
+    trainer does. The online probes evaluate the main run at the same points when it is the k = 1 branch."""
+    interval = max(1, steps // evals)
+    end = start_step + steps
+    return [s for s in range(start_step + 1, end + 1) if s % interval == 0 or s == end]
+
+
 def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> list[str]:
     """The ``--set`` overrides of branch ``k`` on top of the parent's config.yaml."""
     batch = k * fork.batch
@@ -116,12 +135,14 @@ def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> 
     require(k >= 1, f"probe multiplier {k:g}: below 1 is not supported yet; fork from a smaller-batch run")
     lr = fork.lr * lr_multiplier(cfg.lr_rule, k)
     steps = budget // (int(batch) * fork.seq_length)
+    data = [f"training.data_tokens={fork.data_tokens}"] if fork.data_tokens else []
     points = [[t, b] for t, b in fork.phases] + [[fork.tokens, int(batch)]]
     sets = [
         f"training.global_batch_size={points[0][1]}",
         "training.train_steps=null",
         f"training.train_tokens={fork.tokens + budget}",
-        f"training.eval_interval={max(1, steps // cfg.evals)}",
+        f"training.eval_interval={max(1, steps // cfg.evals)}",  # eval_steps
+        *data,  # the parent's data order
         f"optimizer.lr={lr!r}",
         # The parent's phases up to the fork, then k B: planned from token 0 like any run, this reproduces
         # the parent's consumed tokens at the fork exactly, so the branch ends at fork + budget.
@@ -186,6 +207,24 @@ class BranchRecord:
     noise: float | None
     error: str | None
     passed: bool | None = None
+    evals: int = 0  # validation passes the branch ran (forward-only compute)
+    noise_from: str | None = None  # "evals": their tail's residual sd; "model": the noise floor model
+
+
+def keep_checkpoint(src: Path, dst: Path) -> None:
+    """A copy of checkpoint ``src`` at ``dst`` that outlives the run's retention of ``src``: hard links
+    (instant, no space) where ``dst`` is on the same filesystem, else a copy. The copy is complete once
+    the directory has its final name."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(src, tmp, copy_function=os.link)
+    except OSError:  # another filesystem (EXDEV) or no hard links: copy the bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def fork_dirname(tokens: int) -> str:
@@ -202,11 +241,15 @@ def run_fork(
     cwd: Path | None = None,
     inside_run: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    reference: tuple[float, float | None] | None = None,
 ) -> dict[str, Any]:
     """Run the branches of one fork (increasing k, stopping at the first failure) and read off the CBS;
     the probes.jsonl record (also appended to ``out_dir/probes.jsonl`` unless ``inside_run``: the online
     callback, whose output is the run's own ``probes/`` directory, writes that file from its state).
-    ``should_stop`` is asked before each branch (the online callback: a SIGTERM arrived): no more start."""
+    ``should_stop`` is asked before each branch (the online callback: a SIGTERM arrived): no more start.
+    ``reference``: the read-off ``(loss, noise sd)`` of the first multiplier (k = 1) taken from the run
+    itself, which trained those tokens at the fork's batch and LR on the same sequences (the online
+    callback checks that it did); that branch is then not run."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     require(
         inside_run or not out_dir.is_relative_to(run_dir),
@@ -218,12 +261,30 @@ def run_fork(
         "ramp-probe: the val read-off needs the run's fixed validation set, but training.eval_samples=0; "
         "pass --set training.eval_samples=N or use --rule ema",
     )
-    budget = budget_tokens(cfg, fork)
+    budget = budget_tokens(cfg, fork.batch, fork.seq_length)
     config = run_dir / "config.yaml"
     fork_dir = out_dir / fork_dirname(fork.tokens)
+    eval_tokens = parent.training.eval_samples * fork.seq_length  # forward-only tokens of one evaluation
     results: list[cbs_law.BranchResult] = []
     records: list[BranchRecord] = []
-    for k in cfg.multipliers:
+
+    def model_noise(loss: float) -> float:
+        """The read-off's sd by the noise floor model that set the branch length (loss units)."""
+        sd = cbs_law.noise_at(cfg.noise_sd, cfg.noise_tokens, budget)
+        return sd * loss if cfg.epsilon_mode == "relative" else sd
+
+    if reference is not None:
+        k = cfg.multipliers[0]
+        require(k == 1, f"probes: the run can stand in for k=1 only, not the first multiplier {k:g}")
+        loss, noise = reference
+        noise_from = "evals" if noise is not None else "model"
+        noise = noise if noise is not None else model_noise(loss)
+        results.append(cbs_law.BranchResult(k, loss, noise, None))
+        steps = budget // (fork.batch * fork.seq_length)
+        records.append(
+            BranchRecord(k, fork.batch, fork.lr, RUN_ITSELF, steps, loss, noise, None, noise_from=noise_from)
+        )
+    for k in cfg.multipliers[len(results) :]:
         if should_stop is not None and should_stop():
             break
         bdir = fork_dir / f"k{k:g}"
@@ -234,6 +295,7 @@ def run_fork(
         sets = branch_sets(parent, cfg, fork, k, budget)
         run = runner(config, sets, bdir, nproc=cfg.nproc, timeout=cfg.timeout_s, cwd=cwd)
         loss = noise = None
+        noise_from = None
         error = run.error
         reached = run.train[-1]["tokens"] if run.train else 0
         if error is None and reached != fork.tokens + budget:  # stopped early (a SIGTERM), or a bug
@@ -247,6 +309,9 @@ def run_fork(
                 error = f"no read-off loss: {e}"
             if loss is not None and not math.isfinite(loss):
                 loss, error = None, f"non-finite loss {loss}"
+            if loss is not None:
+                noise_from = "evals" if noise is not None else "model"
+                noise = noise if noise is not None else model_noise(loss)
         results.append(cbs_law.BranchResult(k, loss, noise, error))
         records.append(
             BranchRecord(
@@ -258,6 +323,8 @@ def run_fork(
                 loss,
                 noise,
                 error,
+                evals=sum(1 for r in run.evals if r["tokens"] > fork.tokens),
+                noise_from=noise_from,
             )
         )
         if error is not None and len(results) == 1:
@@ -279,7 +346,10 @@ def run_fork(
         "epsilon": cfg.epsilon,
         "epsilon_mode": cfg.epsilon_mode,
         "multipliers": list(cfg.multipliers),
-        "branch_tokens": budget * len(records),  # the compute this fork cost, in trained tokens
+        # the compute this fork cost: tokens its branches trained, and tokens their evaluations ran forward
+        "branch_tokens": budget * sum(1 for r in records if r.run_dir != RUN_ITSELF),
+        "eval_tokens": eval_tokens * sum(r.evals for r in records),
+        "reference": RUN_ITSELF if reference is not None else "branch",
     }
     if not results:
         rec.update(cbs=None, cbs_upper=None, k_star=None, edge="error", confidence="low", note="stopped")

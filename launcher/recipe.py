@@ -254,6 +254,10 @@ class TrainingConfig:
     global_batch_size: int = 16
     train_tokens: int | None = None
     train_steps: int | None = None
+    # Build the train data for at least this many tokens (None: the run's own). A sample's position in the
+    # data order depends on how many epochs the index is built for, so a CBS branch takes its parent's
+    # size and reads the parent's sequences.
+    data_tokens: int | None = None
     seed: int = 1234
     eval_interval: int = 50  # steps; 0 disables periodic evaluation
     eval_samples: int = 128  # size of the fixed validation set, in sequences
@@ -275,6 +279,7 @@ class TrainingConfig:
             global_batch_size=self.global_batch_size,
             train_tokens=self.train_tokens,
             train_steps=self.train_steps,
+            data_tokens=self.data_tokens,
             log_interval=self.log_interval,
             threads=self.threads,
             sync_interval=self.sync_interval,
@@ -594,6 +599,7 @@ class Recipe:
         data_tokens = train_tokens
         if batch_schedule.reachable:  # the run's end moves with the last batch a decision reaches
             data_tokens = self.requested_tokens + max(batch_schedule.all_batches) * self.model.seq_length
+        data_tokens = max(data_tokens, t.data_tokens or 0)
         return Derived(
             world_size=world_size,
             dp=first.dp,

@@ -199,7 +199,7 @@ class Trainer:
         the layout down, build the new one, load the checkpoint resharded into it."""
         times = SwitchTimes()
         t0 = time.perf_counter()
-        path = self._checkpoint_here()
+        path = self.checkpoint_now()
         t1 = time.perf_counter()
         self._teardown_model()
         t2 = time.perf_counter()
@@ -217,7 +217,7 @@ class Trainer:
         memory a child job needs), run ``work(checkpoint)`` on every rank, then rebuild the same layout and
         load the checkpoint. The run continues exactly as a job resumed from that checkpoint would; the CBS
         probes fork their branches from it while the run is paused."""
-        path = self._checkpoint_here()
+        path = self.checkpoint_now()
         self._teardown_model()
         try:
             return work(path)
@@ -225,10 +225,10 @@ class Trainer:
             self._build_model()
             self._reload(path)
 
-    def _checkpoint_here(self) -> Path:
-        """A complete checkpoint of this step (saved now unless it exists), for :meth:`relayout` and
-        :meth:`pause`. An asynchronous save is completed first: its writers and its finalisation use the
-        layout's process groups."""
+    def checkpoint_now(self) -> Path:
+        """Collective: a complete checkpoint of this step (saved now unless it exists), for :meth:`relayout`,
+        :meth:`pause` and the CBS probes' forks. An asynchronous save is completed first: its writers and
+        its finalisation use the layout's process groups."""
         self.switching = True  # also for a pending save completed here
         try:
             self.finish_saves()

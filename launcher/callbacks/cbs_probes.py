@@ -2,9 +2,21 @@
 size, and (``batch_schedule: {kind: cbs, cbs_source: probes}``) grows its batch by the newest estimate.
 
 When: at the recipe's ``probes:`` grid (``laws.cbs.fork_points``). A fork happens at the start of the first
-step after its point is reached, so the steps before it are logged and checkpointed as in any run, and the
-decision applies to that step. This callback runs first at a step start, before the batch-size callback,
-which then switches the batch (and the layout, when the new batch has another).
+step after its point is reached, so the steps before it are logged and checkpointed as in any run. This
+callback runs first at a step start, before the batch-size callback, which then switches the batch (and the
+layout, when the new batch has another).
+
+The run as the k = 1 branch (``probes.reference: run``, the default, where it can be: multipliers start at
+1, branches hold the fork's LR and are read off on the fixed validation set, and over the branch's tokens
+the run's LR and batch do not move and the run does not end): the k = 1 branch would train the run's own
+next sequences at the run's batch and LR, so the run *is* that branch. At the fork the run checkpoints and
+keeps that checkpoint under ``probes/fork_<tokens>/checkpoint`` (hard links); it trains on, evaluating
+where a k = 1 branch would (``probes.eval_steps``; an evaluation the run makes there anyway counts); once
+it has trained the branch's tokens it pauses, runs the other branches from the kept checkpoint, reads off
+with its own loss as k = 1, and the decision applies from there. One child job fewer per fork; the
+decision comes a branch length later. Fork points inside that window are folded into the fork. A rewind
+(bad steps) inside it skips sequences, so the run stops being the branch and a k = 1 child job runs.
+Otherwise (``reference: branch``) the fork pauses at its point, runs every branch, and decides at once.
 
 How: every rank pauses the run (``Trainer.pause``: checkpoint this step, free the layout); rank 0 runs the
 fork's branches through ``launcher/probes.py`` (child jobs, one after another, in
@@ -16,15 +28,18 @@ double while ``cbs_fraction * CBS > 2 * batch``, up to ``max_batch``), from this
 (``laws.batch_size.grow_at``, ``Recipe.replan``). Under WSD, ``cbs_fraction < 1`` or
 ``probes.lr_schedule: decay`` corrects for the decay still to come (calibration.md, last section).
 
-Resume: the checkpoint a fork is taken from holds this callback's state from before the fork, so a job
-resumed from it finds the fork pending and runs it again (a leftover branch directory of the interrupted
-attempt is replaced): the same branches from the same checkpoint, the same read-off, the same decision.
-The decisions so far are in the state and re-applied at start. A failed branch or fork is recorded and
-printed, and the run goes on at its batch.
+Resume: a checkpoint holds this callback's state as of its step. One taken at a fork holds the state from
+before it, so a job resumed from it forks again (a leftover branch directory of the interrupted attempt
+is replaced): the same branches from the same checkpoint, the same read-off, the same decision. One taken
+while the run is the k = 1 branch holds the pending fork and the evaluations so far; the resumed job
+evaluates the missing points on the same weights. The decisions so far are in the state and re-applied at
+start. A failed branch or fork is recorded and printed, and the run goes on at its batch.
 
-Cost: ``probe_tokens`` (tokens trained by branches) and ``probe_cost_frac`` (those over the run's tokens)
-are in every logged step, with the newest ``cbs``; ``probes/probes.jsonl`` has one record per fork and
-``probes/cbs_vs_tokens.png`` the CBS over training with its fitted curve.
+Cost: ``probe_tokens`` (tokens trained by branches), ``probe_eval_tokens`` (tokens their evaluations and
+the run's extra k = 1 evaluations ran forward) and ``probe_cost_frac`` (the probes' compute over the run's,
+an evaluated token counting a third of a trained one) are in every logged step, with the newest ``cbs``;
+``probes/probes.jsonl`` has one record per fork and ``probes/cbs_vs_tokens.png`` the CBS over training
+with its fitted curve.
 """
 
 from __future__ import annotations
@@ -41,42 +56,86 @@ import torch.distributed as dist
 
 from launcher import probes
 from launcher.callbacks.base import Callback
-from launcher.laws.batch_size import BatchPhase, BatchScheduleConfig, cbs_decision, grow_at
+from launcher.laws import cbs as cbs_law
+from launcher.laws.batch_size import (
+    BatchPhase,
+    BatchScheduleConfig,
+    cbs_decision,
+    deciding_multipliers,
+    grow_at,
+)
 from launcher.laws.cbs import ProbeConfig, fork_points
 
 if TYPE_CHECKING:
+    from launcher.laws.schedule import TokenSchedule
     from launcher.trainer import Trainer
 
 PROBES_DIR = "probes"
+FORK_CHECKPOINT = "checkpoint"  # a pending fork's kept checkpoint, under its directory
 
 
 class CbsProbes(Callback):
     name = "cbs_probes"
 
-    def __init__(self, cfg: ProbeConfig, run_dir: Path, train_tokens: int, drive: BatchScheduleConfig | None):
+    def __init__(
+        self,
+        cfg: ProbeConfig,
+        run_dir: Path,
+        train_tokens: int,
+        drive: BatchScheduleConfig | None,
+        schedule: TokenSchedule | None = None,
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.out_dir = self.run_dir / PROBES_DIR
         self.points = fork_points(cfg, train_tokens)
         self.drive = drive  # the batch schedule the decisions feed (kind=cbs, cbs_source=probes), or None
+        self.schedule = schedule  # the run's LR schedule (None: the run is never the k = 1 branch)
         self.records: list[dict[str, Any]] = []  # one per fork, in order (probes.jsonl's lines)
         self.phases: list[list[int]] | None = None  # the batch schedule the decisions made, [[tokens, batch]]
         self.done_until = 0  # fork points at or below this token count are done (or skipped)
+        self.pending: dict[str, Any] | None = None  # a fork whose k = 1 branch the run is training
+        self.evals = 0  # the run's own validation passes (the denominator of the cost)
+        self.reference_evals = 0  # passes run only for a pending fork's k = 1 read-off (probe compute)
         self._planned: list[list[int]] = []  # the recipe's plan, before any decision
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         phases = [list(p) for p in self.phases] if self.phases is not None else None
-        return {"records": [dict(r) for r in self.records], "phases": phases, "done_until": self.done_until}
+        return {
+            "records": [dict(r) for r in self.records],
+            "phases": phases,
+            "done_until": self.done_until,
+            "pending": dict(self.pending) if self.pending is not None else None,
+            "evals": self.evals,
+            "reference_evals": self.reference_evals,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = list(state.get("records", []))
         self.phases = state.get("phases")
         self.done_until = int(state.get("done_until", 0))
+        self.pending = state.get("pending")
+        self.evals = int(state.get("evals", 0))
+        self.reference_evals = int(state.get("reference_evals", 0))
 
     @property
     def probe_tokens(self) -> int:
         return sum(int(r.get("branch_tokens", 0)) for r in self.records)
+
+    def cost(self, trainer: Trainer) -> dict[str, float]:
+        """The probes' compute against the run's: trained tokens, plus evaluated tokens at a third of a
+        trained token (a forward pass without the backward)."""
+        seq, n_eval = trainer.recipe.model.seq_length, trainer.recipe.training.eval_samples
+        evaluated = (
+            sum(int(r.get("eval_tokens", 0)) for r in self.records) + self.reference_evals * n_eval * seq
+        )
+        run = trainer.derived.train_tokens + self.evals * n_eval * seq / 3
+        return {
+            "probe_tokens": self.probe_tokens,
+            "probe_eval_tokens": evaluated,
+            "probe_cost_frac": (self.probe_tokens + evaluated / 3) / run,
+        }
 
     # -- hooks --------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer) -> None:
@@ -94,16 +153,26 @@ class CbsProbes(Callback):
         phases = self.phases
         self._apply(trainer, phases if phases is not None else self._planned)
         self.phases = phases
+        if self.pending is not None:  # the run skips the bad steps' sequences: no longer the k = 1 branch
+            self.pending["run_is_k1"] = False
 
     def on_step_start(self, trainer: Trainer) -> None:
-        self._maybe_fork(trainer)
+        if self.pending is not None:
+            self._follow_pending(trainer)
+        else:
+            self._maybe_fork(trainer)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        metrics["probe_tokens"] = self.probe_tokens
-        metrics["probe_cost_frac"] = self.probe_tokens / trainer.derived.train_tokens
+        metrics.update(self.cost(trainer))
         with_cbs = [r for r in self.records if r.get("cbs")]
         if with_cbs:
             metrics["cbs"] = with_cbs[-1]["cbs"]
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.evals += 1
+        p = self.pending
+        if p is not None and trainer.state.consumed_tokens in p["eval_tokens"]:
+            p["evals"][str(trainer.state.consumed_tokens)] = metrics["val_loss"]
 
     # -- forks ----------------------------------------------------------------------------------------------
     def _maybe_fork(self, trainer: Trainer) -> None:
@@ -116,20 +185,125 @@ class CbsProbes(Callback):
         if cap is not None and batch >= cap:  # nothing left to decide
             self.done_until = tokens
             return
+        cfg = self._fork_cfg(batch)
+        if cfg is None:  # no outcome of any branch would change the batch
+            self.done_until = tokens
+            return
+        budget = probes.budget_tokens(cfg, batch, trainer.recipe.model.seq_length)
+        if self._run_can_be_k1(trainer, cfg, tokens, budget):
+            self._start_pending(trainer, cfg, budget)
+            return
         if trainer.agree_to_stop():  # a SIGTERM since the last host sync: no fork, the requeued job forks
             trainer.stop_requested = True
             return
-        record = trainer.pause(lambda path: self._run_fork(trainer, path, tokens))
+        record = trainer.pause(lambda path: self._run_fork(trainer, cfg, path, tokens))
+        self._decide(trainer, record, batch)
+
+    def _fork_cfg(self, batch: int) -> ProbeConfig | None:
+        """The probe settings of a fork at ``batch``: with ``deciding_only`` in a run the decisions drive,
+        only the multipliers that can change the decision (None: none can)."""
+        if self.drive is None or not self.cfg.deciding_only:
+            return self.cfg
+        ks = deciding_multipliers(self.cfg.multipliers, batch, self.drive.cbs_fraction, self.drive.max_batch)
+        return dataclasses.replace(self.cfg, multipliers=ks) if len(ks) > 1 else None
+
+    def _run_can_be_k1(self, trainer: Trainer, cfg: ProbeConfig, tokens: int, budget: int) -> bool:
+        """Whether the run's next ``budget`` tokens are the k = 1 branch of a fork here: the read-off is
+        the final validation loss (which the run can evaluate at the branch's points), the branch holds the
+        fork's LR and the run's LR does not move over those tokens, the batch does not change, no decision
+        would be too late to matter (the run goes on past them)."""
+        r = trainer.recipe
+        if (
+            cfg.reference != "run"
+            or cfg.multipliers[0] != 1
+            or cfg.lr_schedule != "hold"
+            or cfg.rule != "val"
+        ):
+            return False
+        if (
+            self.schedule is None
+            or not r.training.eval_samples
+            or tokens + budget >= trainer.derived.train_tokens
+        ):
+            return False
+        if any(tokens < p.start_tokens <= tokens + budget for p in trainer.derived.batch_schedule.phases):
+            return False
+        per_step = trainer.state.global_batch_size * r.model.seq_length
+        lr = self.schedule.factor(tokens)
+        return all(
+            self.schedule.factor(t) == lr for t in range(tokens + per_step, tokens + budget + 1, per_step)
+        )
+
+    def _start_pending(self, trainer: Trainer, cfg: ProbeConfig, budget: int) -> None:
+        """Fork here with the run as the k = 1 branch: keep this step's checkpoint for the other branches
+        (hard links under the fork's directory: the run's retention may delete its own copy), note where
+        a k = 1 branch would evaluate, and train on; the branches run once the run has trained ``budget``."""
+        st, seq = trainer.state, trainer.recipe.model.seq_length
+        path = trainer.checkpoint_now()  # holds this callback's state from before the fork
+        base = self._kept_checkpoint(st.consumed_tokens)
+        if dist.get_rank() == 0:
+            shutil.rmtree(base.parent, ignore_errors=True)  # an interrupted attempt at this fork
+            probes.keep_checkpoint(path, base)
+        steps = budget // (st.global_batch_size * seq)
+        at = probes.eval_steps(st.step, steps, cfg.evals)
+        self.pending = {
+            "tokens": st.consumed_tokens,
+            "batch": st.global_batch_size,
+            "budget": budget,
+            "eval_tokens": [st.consumed_tokens + (s - st.step) * st.global_batch_size * seq for s in at],
+            "evals": {},  # str(tokens): val loss
+            "run_is_k1": True,
+        }
+        self.done_until = st.consumed_tokens
+
+    def _kept_checkpoint(self, tokens: int) -> Path:
+        """Where a pending fork at ``tokens`` keeps its checkpoint (under the run directory, by name: a
+        moved run directory keeps working)."""
+        return self.out_dir / probes.fork_dirname(tokens) / FORK_CHECKPOINT
+
+    def _follow_pending(self, trainer: Trainer) -> None:
+        """Evaluate the run where a k = 1 branch would (unless the run evaluated there anyway); at the end
+        of the branch's tokens, run the other branches from the kept checkpoint and decide."""
+        p, tokens = self.pending, trainer.state.consumed_tokens
+        if tokens in p["eval_tokens"] and str(tokens) not in p["evals"]:
+            p["evals"][str(tokens)] = trainer.evaluate()["val_loss"]
+            self.reference_evals += 1
+        if tokens < p["tokens"] + p["budget"]:
+            return
+        if trainer.agree_to_stop():  # as for any fork: the requeued job runs the branches
+            trainer.stop_requested = True
+            return
+        reference = None
+        if (
+            p["run_is_k1"]
+            and len(p["evals"]) == len(p["eval_tokens"])
+            and tokens == p["tokens"] + p["budget"]
+        ):
+            series = sorted((int(t), v) for t, v in p["evals"].items())
+            reference = cbs_law.branch_loss("val", [], series)
+        checkpoint, cfg = self._kept_checkpoint(p["tokens"]), self._fork_cfg(p["batch"])
+        record = trainer.pause(lambda _: self._run_fork(trainer, cfg, checkpoint, p["tokens"], reference))
+        self._decide(trainer, record, p["batch"])
+        if not record.get("interrupted"):
+            self.pending = None
+            if dist.get_rank() == 0:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _decide(self, trainer: Trainer, record: dict[str, Any], batch: int) -> None:
+        """Apply a fork's read-off from this step on (or stop, if a SIGTERM interrupted it)."""
+        tokens = trainer.state.consumed_tokens
         if record.get("interrupted"):  # SIGTERM while branching: stop here, a requeued job forks again
             trainer.stop_requested = True
             if dist.get_rank() == 0:
                 print(f"ramp: SIGTERM during the CBS probe at {tokens:,} tokens: stopping", flush=True)
             return
-        record["step"] = trainer.state.step
+        record.setdefault("step", trainer.state.step)  # the fork's step (run_fork's record has it)
+        record["decided_at_step"] = trainer.state.step
+        record["decided_at_tokens"] = tokens
         record["batch_before"] = batch
         record["batch_after"] = batch
         if self.drive is not None and record.get("cbs"):
-            new = cbs_decision(batch, record["cbs"], self.drive.cbs_fraction, cap)
+            new = cbs_decision(batch, record["cbs"], self.drive.cbs_fraction, self.drive.max_batch)
             record["batch_after"] = new
             if new != batch:
                 schedule = grow_at(trainer.derived.batch_schedule, tokens, new)
@@ -139,7 +313,14 @@ class CbsProbes(Callback):
         if dist.get_rank() == 0:
             self._report(record)
 
-    def _run_fork(self, trainer: Trainer, checkpoint: Path, tokens: int) -> dict[str, Any]:
+    def _run_fork(
+        self,
+        trainer: Trainer,
+        cfg: ProbeConfig,
+        checkpoint: Path,
+        tokens: int,
+        reference: tuple[float, float | None] | None = None,
+    ) -> dict[str, Any]:
         """Every rank: rank 0 runs the branches and tells the others the record (on a group of its own
         whose timeout covers the branches; the run's groups would time out while rank 0 trains them).
         A SIGTERM reaches the branches too, so a fork during which rank 0 got one is marked interrupted."""
@@ -147,22 +328,24 @@ class CbsProbes(Callback):
         if dist.get_rank() == 0:
             t0 = time.perf_counter()
             fork_dir = self.out_dir / probes.fork_dirname(tokens)
-            shutil.rmtree(fork_dir, ignore_errors=True)  # an interrupted attempt at this fork
+            for old in fork_dir.glob("k*"):  # an interrupted attempt at this fork's branches
+                shutil.rmtree(old, ignore_errors=True)
             try:
                 record = probes.run_fork(
                     self.run_dir,
                     checkpoint,
                     self.out_dir,
-                    self.cfg,
+                    cfg,
                     inside_run=True,
                     should_stop=lambda: trainer.signalled,
+                    reference=reference,
                 )
             except Exception as e:  # a fork that cannot run is recorded; the run goes on at its batch
                 record = {"tokens": tokens, "cbs": None, "error": f"{type(e).__name__}: {e}"}
             record["interrupted"] = trainer.signalled
             record["seconds"] = time.perf_counter() - t0  # rank 0's: every rank checkpoints the same state
         if dist.get_world_size() > 1:
-            timeout = self.cfg.timeout_s * len(self.cfg.multipliers) + 600 if self.cfg.timeout_s else 86_400
+            timeout = cfg.timeout_s * len(cfg.multipliers) + 600 if cfg.timeout_s else 86_400
             group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
             box = [record]
             dist.broadcast_object_list(box, src=0, group=group)

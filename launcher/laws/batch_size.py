@@ -36,7 +36,7 @@ import dataclasses
 import difflib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -363,6 +363,23 @@ def cbs_decision(batch: int, cbs: float, fraction: float = 1.0, cap: int | None 
             return batch
         batch *= 2
     return batch
+
+
+def deciding_multipliers(
+    multipliers: Sequence[float], batch: int, fraction: float = 1.0, cap: int | None = None
+) -> list[float]:
+    """The probe multipliers whose outcome can change :func:`cbs_decision` at ``batch``: the first (the
+    reference), then each ``k`` whose passing would take the decision above the previous one's. With the
+    paper's rule (fraction 1) a pass at ``k = 2`` (CBS ``2 B``) grows nothing, so ``1, 2, 4, 8, 16`` at
+    batch 8 capped at 32 is ``1, 4, 8``: a doubling needs ``k = 4``, a second ``k = 8``."""
+    ks = sorted(multipliers)
+    kept = [ks[0]]
+    for k in ks[1:]:
+        if cbs_decision(batch, k * batch, fraction, cap) > cbs_decision(
+            batch, kept[-1] * batch, fraction, cap
+        ):
+            kept.append(k)
+    return kept
 
 
 def grow_at(schedule: BatchSchedule, tokens: int, batch: int) -> BatchSchedule:

@@ -48,6 +48,8 @@ ReadoffRule = Literal["val", "ema"]
 BranchSchedule = Literal["hold", "decay"]
 EpsilonMode = Literal["relative", "absolute"]
 CurveForm = Literal["saturating", "power_plateau"]
+# online mode: who trains the k = 1 branch (run: the run itself, where it can; branch: a child job)
+Reference = Literal["run", "branch"]
 READOFF_RULES: tuple[str, ...] = get_args(ReadoffRule)
 EPSILON_MODES: tuple[str, ...] = get_args(EpsilonMode)
 CURVE_FORMS: tuple[str, ...] = get_args(CurveForm)
@@ -93,6 +95,14 @@ class ProbeConfig:
     first_tokens: int | None = None
     growth: float = 2.0
     until_tokens: int | None = None
+    # run: the run itself is the k = 1 branch where it can be (multipliers start at 1, LR held, val
+    # read-off, and the run's LR and batch stay put over the branch's tokens); its other branches run and
+    # the decision applies once the run has trained those tokens. branch: k = 1 is a child job like the
+    # others, and the decision applies at the fork.
+    reference: Reference = "run"
+    # an online run whose decisions set its batch tries only the multipliers whose outcome can change the
+    # decision (laws.batch_size.deciding_multipliers: with the paper's rule, not k = 2)
+    deciding_only: bool = True
 
     def __post_init__(self) -> None:
         check_choices(self, "probes")
@@ -309,6 +319,14 @@ def read_off(
 
 
 # -- branch length ----------------------------------------------------------------------------------------
+
+
+def noise_at(noise_sd: float, measured_tokens: int, tokens: int, exponent: float = 0.5) -> float:
+    """The read-off noise model: ``sd(D) = noise_sd (measured_tokens / D)**exponent`` for a branch of ``D``
+    tokens (``noise_sd`` measured at ``measured_tokens``; the units of ``noise_sd``). A branch too short
+    for a noise estimate of its own (fewer than 3 evaluations in its tail) gets this one."""
+    require(noise_sd >= 0 and measured_tokens > 0 and tokens > 0, "noise_at: noise_sd >= 0, tokens > 0")
+    return noise_sd * (measured_tokens / tokens) ** exponent
 
 
 def branch_tokens(

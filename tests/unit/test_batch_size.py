@@ -16,6 +16,7 @@ from launcher.laws.batch_size import (
     BatchScheduleConfig,
     PhaseSteps,
     cbs_decision,
+    deciding_multipliers,
     grow_at,
     resolve_batch_schedule,
     simulate,
@@ -284,6 +285,17 @@ def test_cbs_decision_is_the_doubling_rule_by_hand():
     assert cbs_decision(16, 1000, cap=64) == 64
     assert cbs_decision(16, 256, fraction=0.25) == 32  # 64 > 32; 64 > 64 no
     assert cbs_decision(64, 8) == 64  # never shrinks
+
+
+def test_deciding_multipliers_by_hand():
+    ks = [1, 2, 4, 8, 16]
+    # fraction 1: growing needs CBS > 2B, so k = 4 (32 > 16: batch 16), then k = 8 (64 > 32: 32, the cap)
+    assert deciding_multipliers(ks, 8, 1.0, 32) == [1, 4, 8]
+    assert deciding_multipliers(ks, 8, 1.0, None) == [1, 4, 8, 16]  # 128 > 64: a third doubling
+    # half the CBS: a doubling needs 0.5 x 8k > 16, k = 8; a second 0.5 x 8k > 32, k = 16
+    assert deciding_multipliers(ks, 8, 0.5, 64) == [1, 8, 16]
+    assert deciding_multipliers(ks, 16, 1.0, 32) == [1, 4]  # one doubling left before the cap
+    assert deciding_multipliers(ks, 32, 1.0, 32) == [1]  # at the cap: nothing to decide
 
 
 def test_grow_at_keeps_what_ran_and_replaces_the_plan_after():

@@ -161,11 +161,8 @@ def test_fork_points_by_hand():
 
 
 def test_branch_budget_is_whole_steps_of_every_branch():
-    from pathlib import Path
+    from launcher.probes import budget_tokens
 
-    from launcher.probes import Fork, budget_tokens
-
-    fork = Fork(Path("-"), 3, 3072, 16, 2e-3, 1.0, 64, [(0, 16)])
     # steps of 16, 48, 64 sequences x 64 tokens: 1,024, 3,072, 4,096 tokens; their lcm 12,288
-    assert budget_tokens(ProbeConfig(multipliers=[1, 3, 4], budget_tokens=4096), fork) == 12_288
-    assert budget_tokens(ProbeConfig(multipliers=[1, 2, 4], budget_tokens=4097), fork) == 8192
+    assert budget_tokens(ProbeConfig(multipliers=[1, 3, 4], budget_tokens=4096), 16, 64) == 12_288
+    assert budget_tokens(ProbeConfig(multipliers=[1, 2, 4], budget_tokens=4097), 16, 64) == 8192
