@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = out / ("cbs_curve_runs_tiny" if args.tiny else "cbs_curve_runs")
     work = Path(tempfile.mkdtemp(prefix="cbs_curve_"))
     jobs = {("curve", s): curve for s in args.seeds}
-    jobs |= {("small", s): small_run for s in args.online_seeds if s not in args.seeds}
-    jobs |= {("online", s): online_run for s in args.online_seeds}
+    for s in args.online_seeds:  # the longer online run of a seed first, then its control
+        jobs[("online", s)] = online_run
+        if s not in args.seeds:  # the curve's main run is the control
+            jobs[("small", s)] = small_run
     done = cache.in_parallel(
         {key: partial(fn, sz, key[1], work, cache_dir, version) for key, fn in jobs.items()},
         args.workers,
