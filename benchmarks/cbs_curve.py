@@ -29,6 +29,7 @@ projection) and ``cbs_curve.png``; ``--tiny`` writes under ``--out`` only. Runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -48,6 +49,7 @@ from benchmarks import cache  # noqa: E402
 from benchmarks.cache import code_version, run_key  # noqa: E402
 from launcher import recipe as recipe_mod  # noqa: E402
 from launcher.laws import cbs as cbs_law  # noqa: E402
+from launcher.laws.batch_size import deciding_multipliers  # noqa: E402
 from launcher.probes import RUN_ITSELF, ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,7 +70,7 @@ CBS_FRACTION, MAX_BATCH = 1.0, 32
 def sizes(tiny: bool) -> dict:
     if tiny:  # the test model: 16 x 64-token sequences per step, 24 steps, two forks, k = 1, 4
         return {
-            "base": [*TINY, "training.eval_samples=16", "training.eval_interval=6"],
+            "base": [*TINY, "training.eval_interval=6"],
             "eval_samples": 16,
             "seq": 64,
             "batch": 16,
@@ -83,7 +85,6 @@ def sizes(tiny: bool) -> dict:
     return {
         "base": [
             "training.micro_batch_size=8",
-            "training.eval_samples=384",
             "training.eval_interval=100",
             "training.log_interval=10",
             "logging.tensorboard=false",
@@ -112,6 +113,7 @@ def main_sets(sz: dict, seed: int, fork_steps: list[int] | None = None) -> list[
         f"training.global_batch_size={sz['batch']}",
         "training.train_steps=null",
         f"training.train_tokens={tokens}",  # in tokens: the online run's batch changes
+        f"training.eval_samples={sz['eval_samples']}",
         f"training.seed={seed}",
         "optimizer.lr=2e-3",
         "checkpoint.checksums=false",
@@ -242,19 +244,22 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
     return cached(cache, f"online-s{seed}", sets, version, go)
 
 
-def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float, reference_evals: float) -> dict:
+def projection_1b(
+    cfg: ProbeConfig, forks: float, branches_per_fork: float, reference_evals: float, cap_ratio: int | None
+) -> dict:
     """Probe cost of moe-1b-a0.2b at its budget by the same rules: per fork, ``branches_per_fork`` child
-    branches of the noise-floor length (or the min-steps floor of the largest branch, whichever is longer)
-    with ``cfg.evals`` evaluations each, and ``reference_evals`` extra evaluations of the run; over the
-    run's training and its own evaluations (an evaluated token a third of a trained one)."""
+    branches of ``probes.budget_tokens`` at the recipe's batch (the noise-floor length, or the min-steps
+    floor of the largest multiplier, in whole steps of every one; with ``cap_ratio``, the multipliers that
+    can change the decision up to ``cap_ratio`` x the batch) with ``cfg.evals`` evaluations each (exact for
+    one, up to one more otherwise), and ``reference_evals`` extra evaluations of the run; over the run's
+    training and its own evaluations (an evaluated token a third of a trained one)."""
     r = recipe_mod.load("moe-1b-a0.2b")
     seq, batch, t = r.model.seq_length, r.training.global_batch_size, r.training
     tokens = int(t.train_tokens)
-    per_step = int(max(cfg.multipliers) * batch) * seq
-    budget = cbs_law.branch_tokens(
-        cfg.noise_sd, cfg.noise_tokens, cfg.epsilon, min_tokens=cfg.min_steps * per_step
-    )
-    budget = -(-budget // per_step) * per_step
+    if cap_ratio is not None:
+        ks = deciding_multipliers(cfg.multipliers, batch, CBS_FRACTION, cap_ratio * batch)
+        cfg = dataclasses.replace(cfg, multipliers=ks)
+    budget = budget_tokens(cfg, batch, seq)
     one_eval = t.eval_samples * seq / 3
     probe = forks * (branches_per_fork * (budget + cfg.evals * one_eval) + reference_evals * one_eval)
     run = tokens + (tokens // (batch * seq) // t.eval_interval) * one_eval
@@ -262,6 +267,7 @@ def projection_1b(cfg: ProbeConfig, forks: int, branches_per_fork: float, refere
         "recipe": "moe-1b-a0.2b",
         "train_tokens": tokens,
         "branch_tokens": budget,
+        "multipliers": list(cfg.multipliers),
         "forks": forks,
         "branches_per_fork": branches_per_fork,
         "evals_per_branch": cfg.evals,
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=1,
-        help="runs trained at once (each a 1-process job; on 2 cores, 2 runs take ~1.6x one run's time)",
+        help="runs trained at once (each a 1-process job sharing the machine's cores)",
     )
     args = ap.parse_args(argv)
     if args.tiny and args.out is None:
@@ -342,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         children = statistics.mean(f["child_branches"] for f in forks) if forks else 0.0
         evals = sz["probe"].get("evals", ONLINE_EVALS)
         pcfg = ProbeConfig(multipliers=sz["ks"], **(sz["probe"] | {"evals": evals}))
-        result["projection_1b"] = projection_1b(pcfg, n_forks, children, reference_evals=evals)
+        result["projection_1b"] = projection_1b(pcfg, n_forks, children, evals, MAX_BATCH // sz["batch"])
     else:
         forks = [f for s in args.seeds for f in curves[s]["forks"]]
         children = statistics.mean(len(f["branches"]) for f in forks)
-        result["projection_1b"] = projection_1b(cfg, len(sz["forks"]), children, reference_evals=0)
+        result["projection_1b"] = projection_1b(cfg, len(sz["forks"]), children, 0, None)
     goals: dict = {"projected 1B probe cost <= 0.02": result["projection_1b"]["probe_cost_frac"] <= 0.02}
     if online:
         seeds = args.online_seeds

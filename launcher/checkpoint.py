@@ -407,8 +407,16 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return common["ramp"]
 
 
+#: Param-group hyper-parameters that come from the recipe (peak and minimum LR with the group's multiplier,
+#: Adam's eps and betas, the weight-decay multiplier): a load keeps the values the optimizer was built with.
+#: torch's ``load_state_dict`` restores the saved groups whole, so without this a branch given another LR
+#: (a CBS probe at k x B with LR x sqrt(k)), or a resume with a changed recipe LR, trains at the saved one.
+RECIPE_GROUP_KEYS = ("max_lr", "min_lr", "eps", "betas", "wd_mult")
+
+
 def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str, Any]:
-    """Collective: load model (+ optimizer) into the current layout, resharding as needed."""
+    """Collective: load model (+ optimizer) into the current layout, resharding as needed. The optimizer
+    gets the checkpoint's moments and step counts, and keeps its own :data:`RECIPE_GROUP_KEYS`."""
     from megatron.core import dist_checkpointing
 
     trainer_state = read_trainer_state(path)
@@ -425,7 +433,14 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
     for key, chunk in _model_keys(chunks):
         _unwrap(chunk).load_state_dict(loaded[key])
     if with_optimizer:
+        built = [{k: g[k] for k in RECIPE_GROUP_KEYS if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
+        groups = optimizer.param_groups  # new dicts: torch rebuilds the groups from the saved ones
+        require(
+            len(groups) == len(built), f"checkpoint {path}: {len(groups)} param groups, {len(built)} built"
+        )
+        for group, settings in zip(groups, built):
+            group.update(settings)
     if same_layout and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return trainer_state

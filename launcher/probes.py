@@ -119,11 +119,18 @@ def budget_tokens(cfg: ProbeConfig, batch: int, seq_length: int) -> int:
     return -(-want // unit) * unit
 
 
+def eval_interval(start_step: int, steps: int, evals: int) -> int:
+    """A branch's ``training.eval_interval``: every ``steps // evals``-th step number (the trainer evaluates
+    at multiples of it and at the last step, so ``evals`` or ``evals + 1`` times); with ``evals=1`` past the
+    branch's end, so it evaluates once, at its last step."""
+    return start_step + steps + 1 if evals == 1 else max(1, steps // evals)
+
+
 def eval_steps(start_step: int, steps: int, evals: int) -> list[int]:
-    """The steps at which a branch of ``steps`` steps from ``start_step`` evaluates: every
-    ``max(1, steps // evals)``-th step number (its ``training.eval_interval``) and its last step, as the
-    trainer does. The online probes evaluate the main run at the same points when it is the k = 1 branch."""
-    interval = max(1, steps // evals)
+    """The steps at which a branch of ``steps`` steps from ``start_step`` evaluates, as the trainer does with
+    :func:`eval_interval`. The online probes evaluate the run at the same points when it is the k = 1
+    branch."""
+    interval = eval_interval(start_step, steps, evals)
     end = start_step + steps
     return [s for s in range(start_step + 1, end + 1) if s % interval == 0 or s == end]
 
@@ -141,7 +148,7 @@ def branch_sets(parent, cfg: ProbeConfig, fork: Fork, k: float, budget: int) -> 
         f"training.global_batch_size={points[0][1]}",
         "training.train_steps=null",
         f"training.train_tokens={fork.tokens + budget}",
-        f"training.eval_interval={max(1, steps // cfg.evals)}",  # eval_steps
+        f"training.eval_interval={eval_interval(fork.step, steps, cfg.evals)}",
         *data,  # the parent's data order
         f"optimizer.lr={lr!r}",
         # The parent's phases up to the fork, then k B: planned from token 0 like any run, this reproduces
@@ -242,6 +249,7 @@ def run_fork(
     inside_run: bool = False,
     should_stop: Callable[[], bool] | None = None,
     reference: tuple[float, float | None] | None = None,
+    reference_evals: int = 0,
 ) -> dict[str, Any]:
     """Run the branches of one fork (increasing k, stopping at the first failure) and read off the CBS;
     the probes.jsonl record (also appended to ``out_dir/probes.jsonl`` unless ``inside_run``: the online
@@ -249,7 +257,8 @@ def run_fork(
     ``should_stop`` is asked before each branch (the online callback: a SIGTERM arrived): no more start.
     ``reference``: the read-off ``(loss, noise sd)`` of the first multiplier (k = 1) taken from the run
     itself, which trained those tokens at the fork's batch and LR on the same sequences (the online
-    callback checks that it did); that branch is then not run."""
+    callback checks that it did); that branch is then not run, and ``reference_evals`` is the number of
+    evaluations the run made for it alone (they count in the fork's ``eval_tokens``)."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     require(
         inside_run or not out_dir.is_relative_to(run_dir),
@@ -282,7 +291,18 @@ def run_fork(
         results.append(cbs_law.BranchResult(k, loss, noise, None))
         steps = budget // (fork.batch * fork.seq_length)
         records.append(
-            BranchRecord(k, fork.batch, fork.lr, RUN_ITSELF, steps, loss, noise, None, noise_from=noise_from)
+            BranchRecord(
+                k,
+                fork.batch,
+                fork.lr,
+                RUN_ITSELF,
+                steps,
+                loss,
+                noise,
+                None,
+                evals=reference_evals,
+                noise_from=noise_from,
+            )
         )
     for k in cfg.multipliers[len(results) :]:
         if should_stop is not None and should_stop():

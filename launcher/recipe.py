@@ -23,7 +23,7 @@ import yaml
 from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
 from launcher.laws.bad_steps import BadStepAction
-from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig
+from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig, deciding_multipliers
 from launcher.laws.cbs import ProbeConfig
 from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
@@ -675,6 +675,13 @@ class Recipe:
             all(float(k * b0).is_integer() for k in pr.multipliers) and min(pr.multipliers) >= 1,
             f"probes.multipliers={pr.multipliers}: must be >= 1 and give whole batches",
         )
+        if bs.kind == "cbs" and bs.cbs_source == "probes" and pr.deciding_only:
+            require(
+                len(deciding_multipliers(pr.multipliers, b0, bs.cbs_fraction, bs.max_batch)) > 1,
+                f"probes.multipliers={list(pr.multipliers)}: no multiplier can grow batch {b0} under "
+                f"batch_schedule.cbs_fraction={bs.cbs_fraction} (a doubling needs cbs_fraction x k x {b0} > "
+                f"{2 * b0}); add larger multipliers or raise cbs_fraction",
+            )
         # A branch of pr.nproc processes: unsharded with one (launcher/probes.py branch_sets), else the
         # recipe's layout; it must split every batch a fork can ask for.
         branch = ParallelConfig() if pr.nproc == 1 else self.parallel

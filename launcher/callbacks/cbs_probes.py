@@ -96,7 +96,6 @@ class CbsProbes(Callback):
         self.done_until = 0  # fork points at or below this token count are done (or skipped)
         self.pending: dict[str, Any] | None = None  # a fork whose k = 1 branch the run is training
         self.evals = 0  # the run's own validation passes (the denominator of the cost)
-        self.reference_evals = 0  # passes run only for a pending fork's k = 1 read-off (probe compute)
         self._planned: list[list[int]] = []  # the recipe's plan, before any decision
 
     # -- state ------------------------------------------------------------------------------------------
@@ -108,7 +107,6 @@ class CbsProbes(Callback):
             "done_until": self.done_until,
             "pending": dict(self.pending) if self.pending is not None else None,
             "evals": self.evals,
-            "reference_evals": self.reference_evals,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -117,7 +115,6 @@ class CbsProbes(Callback):
         self.done_until = int(state.get("done_until", 0))
         self.pending = state.get("pending")
         self.evals = int(state.get("evals", 0))
-        self.reference_evals = int(state.get("reference_evals", 0))
 
     @property
     def probe_tokens(self) -> int:
@@ -127,9 +124,8 @@ class CbsProbes(Callback):
         """The probes' compute against the run's: trained tokens, plus evaluated tokens at a third of a
         trained token (a forward pass without the backward)."""
         seq, n_eval = trainer.recipe.model.seq_length, trainer.recipe.training.eval_samples
-        evaluated = (
-            sum(int(r.get("eval_tokens", 0)) for r in self.records) + self.reference_evals * n_eval * seq
-        )
+        pending = self.pending["extra_evals"] if self.pending is not None else 0  # in no record yet
+        evaluated = sum(int(r.get("eval_tokens", 0)) for r in self.records) + pending * n_eval * seq
         run = trainer.derived.train_tokens + self.evals * n_eval * seq / 3
         return {
             "probe_tokens": self.probe_tokens,
@@ -143,6 +139,7 @@ class CbsProbes(Callback):
         if self.phases is not None:  # resumed: the decisions taken before
             self._apply(trainer, self.phases)
         if dist.get_rank() == 0:
+            self._drop_kept_checkpoints()  # those of forks decided before this state
             if self.points:
                 print(f"ramp: CBS probes at tokens {self.points}", flush=True)
             if self.records or (self.out_dir / probes.PROBES_FILE).exists():
@@ -153,8 +150,13 @@ class CbsProbes(Callback):
         phases = self.phases
         self._apply(trainer, phases if phases is not None else self._planned)
         self.phases = phases
-        if self.pending is not None:  # the run skips the bad steps' sequences: no longer the k = 1 branch
-            self.pending["run_is_k1"] = False
+        p = self.pending
+        if p is not None and trainer.state.consumed_tokens < p["tokens"] + p["budget"]:
+            p["run_is_k1"] = False  # the run skips bad sequences inside the window: no longer the branch
+
+    def on_checkpoint_saved(self, trainer: Trainer, path: str) -> None:
+        if dist.get_rank() == 0:
+            self._drop_kept_checkpoints()
 
     def on_step_start(self, trainer: Trainer) -> None:
         if self.pending is not None:
@@ -174,6 +176,15 @@ class CbsProbes(Callback):
         if p is not None and trainer.state.consumed_tokens in p["eval_tokens"]:
             p["evals"][str(trainer.state.consumed_tokens)] = metrics["val_loss"]
 
+    def _drop_kept_checkpoints(self) -> None:
+        """Rank 0: delete the kept checkpoints of decided forks, once a checkpoint without their pending
+        state is complete (a resume from the decision step's own checkpoint runs the fork's branches again
+        from the kept one); the pending fork's stays."""
+        keep = self._kept_checkpoint(self.pending["tokens"]) if self.pending is not None else None
+        for kept in self.out_dir.glob(f"fork_*/{FORK_CHECKPOINT}"):
+            if kept != keep:
+                shutil.rmtree(kept, ignore_errors=True)
+
     # -- forks ----------------------------------------------------------------------------------------------
     def _maybe_fork(self, trainer: Trainer) -> None:
         tokens = trainer.state.consumed_tokens
@@ -188,6 +199,8 @@ class CbsProbes(Callback):
         cfg = self._fork_cfg(batch)
         if cfg is None:  # no outcome of any branch would change the batch
             self.done_until = tokens
+            if dist.get_rank() == 0:
+                print(f"ramp: CBS probe at {tokens:,} tokens skipped: no multiplier can grow batch {batch}")
             return
         budget = probes.budget_tokens(cfg, batch, trainer.recipe.model.seq_length)
         if self._run_can_be_k1(trainer, cfg, tokens, budget):
@@ -212,12 +225,13 @@ class CbsProbes(Callback):
         the final validation loss (which the run can evaluate at the branch's points), the branch holds the
         fork's LR and the run's LR does not move over those tokens, the batch does not change, no decision
         would be too late to matter (the run goes on past them)."""
-        r = trainer.recipe
+        r, st = trainer.recipe, trainer.state
         if (
             cfg.reference != "run"
             or cfg.multipliers[0] != 1
             or cfg.lr_schedule != "hold"
             or cfg.rule != "val"
+            or cfg.extra_sets  # the branches train with overrides the run does not have
         ):
             return False
         if (
@@ -226,9 +240,13 @@ class CbsProbes(Callback):
             or tokens + budget >= trainer.derived.train_tokens
         ):
             return False
-        if any(tokens < p.start_tokens <= tokens + budget for p in trainer.derived.batch_schedule.phases):
+        # this step's batch (the batch callback, after this one, may switch at a phase start) and no phase
+        # start before the window's end
+        if trainer.derived.phase_at(tokens).batch != st.global_batch_size:
             return False
-        per_step = trainer.state.global_batch_size * r.model.seq_length
+        if any(tokens < p.start_tokens < tokens + budget for p in trainer.derived.phases):
+            return False
+        per_step = st.global_batch_size * r.model.seq_length
         lr = self.schedule.factor(tokens)
         return all(
             self.schedule.factor(t) == lr for t in range(tokens + per_step, tokens + budget + 1, per_step)
@@ -252,6 +270,7 @@ class CbsProbes(Callback):
             "budget": budget,
             "eval_tokens": [st.consumed_tokens + (s - st.step) * st.global_batch_size * seq for s in at],
             "evals": {},  # str(tokens): val loss
+            "extra_evals": 0,  # evaluations run for the read-off only (probe compute)
             "run_is_k1": True,
         }
         self.done_until = st.consumed_tokens
@@ -267,7 +286,7 @@ class CbsProbes(Callback):
         p, tokens = self.pending, trainer.state.consumed_tokens
         if tokens in p["eval_tokens"] and str(tokens) not in p["evals"]:
             p["evals"][str(tokens)] = trainer.evaluate()["val_loss"]
-            self.reference_evals += 1
+            p["extra_evals"] += 1
         if tokens < p["tokens"] + p["budget"]:
             return
         if trainer.agree_to_stop():  # as for any fork: the requeued job runs the branches
@@ -282,12 +301,13 @@ class CbsProbes(Callback):
             series = sorted((int(t), v) for t, v in p["evals"].items())
             reference = cbs_law.branch_loss("val", [], series)
         checkpoint, cfg = self._kept_checkpoint(p["tokens"]), self._fork_cfg(p["batch"])
-        record = trainer.pause(lambda _: self._run_fork(trainer, cfg, checkpoint, p["tokens"], reference))
+        extra = p["extra_evals"] if reference is not None else 0
+        record = trainer.pause(
+            lambda _: self._run_fork(trainer, cfg, checkpoint, p["tokens"], reference, extra)
+        )
         self._decide(trainer, record, p["batch"])
         if not record.get("interrupted"):
-            self.pending = None
-            if dist.get_rank() == 0:
-                shutil.rmtree(checkpoint, ignore_errors=True)
+            self.pending = None  # its kept checkpoint goes once a checkpoint of this state is complete
 
     def _decide(self, trainer: Trainer, record: dict[str, Any], batch: int) -> None:
         """Apply a fork's read-off from this step on (or stop, if a SIGTERM interrupted it)."""
@@ -320,6 +340,7 @@ class CbsProbes(Callback):
         checkpoint: Path,
         tokens: int,
         reference: tuple[float, float | None] | None = None,
+        reference_evals: int = 0,
     ) -> dict[str, Any]:
         """Every rank: rank 0 runs the branches and tells the others the record (on a group of its own
         whose timeout covers the branches; the run's groups would time out while rank 0 trains them).
@@ -339,6 +360,7 @@ class CbsProbes(Callback):
                     inside_run=True,
                     should_stop=lambda: trainer.signalled,
                     reference=reference,
+                    reference_evals=reference_evals,
                 )
             except Exception as e:  # a fork that cannot run is recorded; the run goes on at its batch
                 record = {"tokens": tokens, "cbs": None, "error": f"{type(e).__name__}: {e}"}

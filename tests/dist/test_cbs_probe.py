@@ -78,6 +78,10 @@ def test_probe_isolated_and_deterministic(tmp_path):
         ]
         train = [r for r in rows if "val_loss" not in r]
         assert train[0]["step"] == 4 and train[-1]["tokens"] == 3 * 1024 + 4096
+        # the LR the branch trained at (its optimizer's, as logged), not the one it was given: loading the
+        # parent's optimizer state must not bring back the parent's peak
+        want = {1: 2e-3, 2: 2e-3 * 2**0.5}[x["k"]]
+        assert [r["lr"] for r in train] == [pytest.approx(want, rel=1e-12)] * len(train)
     # the first k=1 branch step starts from the checkpoint's weights on the same data as the parent's step 4
     k1 = tmp_path / "probe_a" / "fork_000000003072" / "k1" / "metrics.jsonl"
     loss4 = next(json.loads(ln) for ln in k1.read_text().splitlines() if '"val_loss"' not in ln)["loss"]

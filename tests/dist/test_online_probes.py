@@ -130,6 +130,14 @@ def test_the_run_is_the_k1_branch(run_k1, probed, tmp_path):
     (other,) = _records(probed.run_dir)  # the same fork with k = 1 as a child job
     assert k1["loss"] == pytest.approx(other["branches"][0]["loss"], rel=1e-5)
     assert k4["loss"] == other["branches"][1]["loss"]  # from the same step-4 weights: bitwise
+    # k = 4 trained at the fork's LR x sqrt(4) (moe-tiny's peak 2e-3; the WSD decay starts at 9,830 tokens)
+    k4_rows = (run_k1.run_dir / "probes" / "fork_000000004096" / "k4" / "metrics.jsonl").read_text()
+    assert [json.loads(ln)["lr"] for ln in k4_rows.splitlines() if '"val_loss"' not in ln] == [
+        pytest.approx(4e-3, rel=1e-12)
+    ]
+    # a read-off from two evaluations has no noise sd of its own: the noise floor model's, by hand
+    # 0.0025 x sqrt(262,144 / 4,096) = 2% of the loss
+    assert k1["noise_from"] == "model" and k1["noise"] == pytest.approx(0.02 * k1["loss"], rel=1e-9)
     # the cost: one branch's 4,096 tokens and its evaluation, and the run's two extra evaluations
     last = run_k1.train[-1]
     assert last["probe_tokens"] == 4096 and last["probe_eval_tokens"] == 3 * EVAL
@@ -147,20 +155,22 @@ def test_the_run_is_the_k1_branch(run_k1, probed, tmp_path):
     assert run_k1.series("grad_norm") == ref.series("grad_norm")
 
 
-def test_requeue_inside_the_window_takes_the_same_decision(run_k1, tmp_path):
+@pytest.mark.parametrize("died_after", [6, 8])
+def test_requeue_inside_the_window_takes_the_same_decision(run_k1, tmp_path, died_after):
     run_dir = tmp_path / "run"
     shutil.copytree(run_k1.run_dir, run_dir)
-    # the job died after step 6's checkpoint, while the run was the k = 1 branch: the fork's kept
-    # checkpoint (hard links of step 4) was still there
-    for step in (8, 10):
+    # the job died after step 6's checkpoint, while the run was the k = 1 branch, or after step 8's (the
+    # decision's pause, its state from before the decision): either way no later checkpoint was complete,
+    # so the fork's kept checkpoint (hard links of step 4) was still there
+    for step in (8, 10)[(died_after == 8) :]:
         shutil.rmtree(run_dir / "checkpoints" / step_checkpoint(run_k1, step).name)
-    (run_dir / "checkpoints" / "latest").write_text("step_0000006\n")
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{died_after:07d}\n")
     fork_dir = run_dir / "probes" / "fork_000000004096"
     shutil.copytree(run_dir / "checkpoints" / "step_0000004", fork_dir / "checkpoint")
     shutil.rmtree(fork_dir / "k4")
 
     again = run_ramp(run_dir, [*RUN_K1, "checkpoint.load=auto"], nproc=2).check()
-    assert "at step 6" in again.stdout
+    assert f"at step {died_after}" in again.stdout
     assert [r["step"] for r in again.train] == list(range(1, 11))
     assert again.series("loss") == run_k1.series("loss")
     (before,), (after,) = _records(run_k1.run_dir), _records(run_dir)

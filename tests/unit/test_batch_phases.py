@@ -98,6 +98,11 @@ def test_online_probes_plan_one_phase_then_replan_by_hand():
         ([*ONLINE, "batch_schedule.layouts={16: {pp: 1}, 32: {pp: 1}}"], "names no layout for batch 64"),
         ([*ONLINE, "probes.multipliers=[0.5, 1]"], "must be >= 1"),
         ([*ONLINE, "batch_schedule.max_batch=16"], "leaves the probes nothing to grow to"),
+        # half the CBS at batch 16: a doubling needs 0.5 x k x 16 > 32, k > 4, and 1, 2, 4 have none
+        (
+            [*ONLINE, "probes.multipliers=[1, 2, 4]", "batch_schedule.cbs_fraction=0.5"],
+            "no multiplier can grow batch 16",
+        ),
         ([*ONLINE, "probes.every_tokens=2M"], "no fork point before the run's end"),
         ([*ONLINE, "probes.timeout_s=0"], "timeout_s=0"),
         # 3 processes per branch: 16 sequences are no multiple of micro-batch 8 x dp 3
@@ -150,3 +155,12 @@ def test_callbacks_with_one_name_are_refused_before_anything_is_built():
     _, table = build.schedule_and_table(r, d)
     with pytest.raises(RampError, match="callbacks share the name same"):
         Trainer(r, d, table, [_Named(), _Named()])
+
+
+def test_data_tokens_sizes_the_data_for_at_least_the_given_tokens():
+    # a CBS branch of 100K tokens reads its 2.46M-token parent's data order: the index is built for the
+    # parent's size; a value below the run's own need changes nothing
+    assert derive(["training.train_tokens=100K", "training.data_tokens=2.46M"]).data_tokens == 2_460_000
+    assert derive(["training.train_tokens=100K", "training.data_tokens=1K"]).data_tokens == 102_400
+    with pytest.raises(RampError, match=r"training\.data_tokens=0"):
+        derive(["training.train_tokens=100K", "training.data_tokens=0"])

@@ -53,7 +53,9 @@ def setup(monkeypatch, tmp_path, cbs: list[float], sets=(), run_is_k1: bool = Fa
 
     def fake_fork(run_dir, checkpoint, out_dir, cfg, **kw):
         forks.append({"checkpoint": checkpoint, "multipliers": cfg.multipliers, **kw})
-        return {"tokens": 0, "cbs": cbs[len(forks) - 1], "branch_tokens": 1000, "note": "stub"}
+        # run_fork's contract: the run's evaluations for the k = 1 read-off count in the fork's eval_tokens
+        evaluated = kw.get("reference_evals", 0) * 16 * 256
+        return {"tokens": 0, "cbs": cbs[len(forks) - 1], "branch_tokens": 1000, "eval_tokens": evaluated}
 
     monkeypatch.setattr(probes, "run_fork", fake_fork)
     ckpt = tmp_path / "checkpoints" / "step_0000010"
@@ -142,11 +144,16 @@ def test_the_run_is_k1_then_the_other_branches_run_from_the_kept_checkpoint(pg, 
     (fork,) = forks
     assert fork["checkpoint"] == kept and fork["multipliers"] == [1, 8]
     # the last evaluation; the tail (the last half of the branch) holds 2 points: no noise sd of its own
-    assert fork["reference"] == (pytest.approx(4.8), None)
-    # 0.5 x 128 = 64 > 32, not > 64: batch 32 from the branch's end on; the kept checkpoint is gone
+    assert fork["reference"] == (pytest.approx(4.8), None) and fork["reference_evals"] == 2
+    # 0.5 x 128 = 64 > 32, not > 64: batch 32 from the branch's end on
     rec = cb.records[-1]
-    assert (rec["decided_at_tokens"], rec["batch_after"]) == (73_728, 32) and not kept.exists()
+    assert (rec["decided_at_tokens"], rec["batch_after"]) == (73_728, 32)
     assert cb.phases == [[0, 16], [73_728, 32]] and cb.pending is None
+    # the kept checkpoint stays while the newest checkpoint (the pause's, step 18) still holds the pending
+    # fork, and goes once one without it is complete
+    assert kept.exists()
+    cb.on_checkpoint_saved(t, "step_0000020")
+    assert not kept.exists()
     metrics: dict = {}
     cb.on_step_end(t, metrics)  # one child branch's tokens and the run's two extra evaluations
     evaluated = 2 * 16 * 256
