@@ -1,7 +1,7 @@
 """Loss laws with LR annealing: fit on constant + one WSD run, predict six other schedules and two warmups.
 
 moe-tiny on the embedded corpus, one process, batch 8 sequences of 256, LR 2e-3 (calibration.md's optimum),
-warmup 2% of the tokens, equal tokens for every run (default 1.23 M = 600 steps at batch 8; ten runs, two
+warmup 2% of the tokens, equal tokens for every run (default 1.23 M = 600 steps at batch 8; nine runs, two
 at a time with one torch thread each, took 66 min on 2 cores). Every step is logged (the laws read the LR
 and batch actually applied). The fixed validation set (128 sequences, 32,768 tokens: the same set for every
 run, so its sampling offset is shared; the seed repeat below measures what is not) is evaluated every 2%
