@@ -17,7 +17,8 @@ ramp       Megatron's ``--rampup-batch-size start increment samples`` in tokens:
 seesaw     arXiv 2510.14717: wherever the LR schedule crosses 1/2, 1/4, ... of its peak (after the
            peak), double the batch; with ``lr_rule: sqrt`` the LR is ``factor(t) * sqrt(2)**k``, i.e.
            each 2x cut becomes a sqrt(2) cut plus a doubling
-cbs        arXiv 2505.23971 section 2.5: double whenever ``cbs_fraction * CBS(t) > 2 * batch``, CBS(t)
+cbs        arXiv 2505.23971 section 2.5: double whenever ``cbs_fraction * CBS(t) > 2 * batch`` (1: the
+           paper's rule; 2: up to the measured CBS itself), CBS(t)
            interpolated linearly in a measured table (held constant outside it); with
            ``cbs_source: probes`` the table is the run's own online CBS probes (``probes:`` section):
            the run starts at one phase and :func:`grow_at` adds a phase at each probe's decision
@@ -73,6 +74,8 @@ _DEFAULTS = {"cbs_fraction": 1.0, "cbs_source": "table"}  # fields whose "unset"
 
 #: Doublings the derived kinds (seesaw, cbs, bopt) may make: 2**40 x the first batch is no real schedule.
 MAX_DOUBLINGS = 40
+# cbs_fraction's ceiling: at 2 the doubling rule grows the batch while the CBS is over it
+MAX_CBS_FRACTION = 2.0
 
 S = "batch_schedule"
 
@@ -96,9 +99,13 @@ class BatchScheduleConfig:
     cbs_table: list[list[float]] | None = None  # kind=cbs: [[tokens, measured CBS in sequences], ...]
     # kind=cbs: table (cbs_table, measured before) or probes (the run's online probes decide as it trains)
     cbs_source: CbsSource = "table"
-    # kind=cbs: grow only when cbs_fraction * CBS > 2 * batch. Under WSD growing to the CBS is too early:
-    # the decay removes more gradient noise from a small batch than from a large one (calibration.md, last
-    # section: the CBS-following schedule lost 1.06% under WSD, and won at constant LR), so < 1 delays growth.
+    # kind=cbs: grow only when cbs_fraction * CBS > 2 * batch. 1 is the paper's rule (the batch stays below
+    # a CBS it would reach, e.g. 16 for a CBS of 32); 2 grows while the CBS is over the batch: up to the
+    # measured CBS itself when it is the batch x 2**n (the probes' read-offs with multipliers 1, 2, 4, ...:
+    # the largest batch whose branch passed, a lower bound, as the first failing k x B is above it). Under
+    # WSD growing early can lose: the decay removes more gradient noise from a small batch than from a large
+    # one (calibration.md, last section: the CBS-following schedule lost 1.06% under WSD, and won at
+    # constant LR), so < 1 delays growth.
     cbs_fraction: float = 1.0
     bopt_coef: float | None = (
         None  # kind=bopt: B_opt(D) = bopt_coef * D**bopt_exponent (D tokens, B sequences)
@@ -148,7 +155,9 @@ class BatchScheduleConfig:
             )
         if self.kind == "cbs":
             require(
-                0.0 < self.cbs_fraction <= 1.0, f"{S}.cbs_fraction={self.cbs_fraction}: must be in (0, 1]"
+                0.0 < self.cbs_fraction <= MAX_CBS_FRACTION,
+                f"{S}.cbs_fraction={self.cbs_fraction}: must be in (0, {MAX_CBS_FRACTION:g}] (2 grows up to "
+                f"the measured CBS)",
             )
         if self.kind == "bopt":
             for name in ("bopt_coef", "bopt_exponent"):

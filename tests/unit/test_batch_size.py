@@ -113,6 +113,10 @@ def test_cbs_doubling_on_a_hand_table():
     s = resolve(total=1000, kind="cbs", cbs_table=table, cbs_fraction=0.5)
     assert phases(s) == [(0, 8), (176, 16), (276, 32)]
     assert phases(resolve(total=1000, kind="cbs", cbs_table=table, max_batch=16)) == [(0, 8), (126, 16)]
+    # Twice the CBS (grow while CBS > batch): > 8 from t > 100, > 16 from 125, > 32 from 175, > 64 from 275.
+    # Between the table's powers of 2 the batch passes the CBS: at t = 101 it is 8.32 and the batch 16.
+    s = resolve(total=1000, kind="cbs", cbs_table=table, cbs_fraction=2.0)
+    assert phases(s) == [(0, 8), (101, 16), (126, 32), (176, 64), (276, 128)]
     # A CBS that jumps past 4x the batch doubles twice at the same token.
     s = resolve(total=1000, kind="cbs", cbs_table=[[0, 8], [10, 8], [11, 80]])
     assert phases(s) == [(0, 8), (11, 64)]
@@ -239,7 +243,7 @@ BAD = [
     (dict(kind="cbs"), {}, ["kind=cbs needs batch_schedule.cbs_table"]),
     (dict(kind="cbs", cbs_table=[[0, 8], [0, 9]]), {}, ["cbs_table: tokens must increase"]),
     (dict(kind="cbs", cbs_table=[[0, -1]]), {}, ["cbs -1 must be a number > 0"]),
-    (dict(kind="cbs", cbs_table=[[0, 8]], cbs_fraction=1.5), {}, ["cbs_fraction=1.5: must be in (0, 1]"]),
+    (dict(kind="cbs", cbs_table=[[0, 8]], cbs_fraction=2.5), {}, ["cbs_fraction=2.5: must be in (0, 2]"]),
     (dict(kind="cbs", cbs_table=[[0, 40]]), dict(b0=8), ["at token 0 cbs_fraction*CBS = 40", "over 2 x"]),
     (dict(kind="bopt", bopt_coef=1.0), {}, ["kind=bopt needs batch_schedule.bopt_exponent"]),
     (dict(kind="bopt", bopt_coef=1.0, bopt_exponent=0.0), {}, ["bopt_exponent=0.0: must be > 0"]),
@@ -285,6 +289,10 @@ def test_cbs_decision_is_the_doubling_rule_by_hand():
     assert cbs_decision(16, 1000, cap=64) == 64
     assert cbs_decision(16, 256, fraction=0.25) == 32  # 64 > 32; 64 > 64 no
     assert cbs_decision(64, 8) == 64  # never shrinks
+    # fraction 2: while the CBS is over the batch (up to a CBS of batch x 2**n)
+    assert cbs_decision(16, 32, fraction=2.0) == 32  # 64 > 32: 32; 64 > 64 no
+    assert cbs_decision(8, 32, fraction=2.0) == 32  # 64 > 16, 64 > 32: 32; 64 > 64 no
+    assert cbs_decision(16, 16, fraction=2.0) == 16  # 32 > 32 no
 
 
 def test_deciding_multipliers_by_hand():
@@ -294,6 +302,9 @@ def test_deciding_multipliers_by_hand():
     assert deciding_multipliers(ks, 8, 1.0, None) == [1, 4, 8, 16]  # 128 > 64: a third doubling
     # half the CBS: a doubling needs 0.5 x 8k > 16, k = 8; a second 0.5 x 8k > 32, k = 16
     assert deciding_multipliers(ks, 8, 0.5, 64) == [1, 8, 16]
+    # up to the CBS: k = 2 (2 x 16 > 16: batch 16), k = 4 (2 x 32 > 32: 32, the cap)
+    assert deciding_multipliers(ks, 8, 2.0, 32) == [1, 2, 4]
+    assert deciding_multipliers(ks, 16, 2.0, 32) == [1, 2]
     assert deciding_multipliers(ks, 16, 1.0, 32) == [1, 4]  # one doubling left before the cap
     assert deciding_multipliers(ks, 32, 1.0, 32) == [1]  # at the cap: nothing to decide
 
