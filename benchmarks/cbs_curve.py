@@ -7,9 +7,9 @@ control under WSD (issue 15).
    failure. The CBS curve is fitted per seed (laws/cbs.py). Shape check: the first fork at the low edge (CBS
    near 0), a rise, and the fitted plateau reached inside the run; seeds agree within 2x at every fork.
 2. **Online run**: the same WSD run with online probes (``probes:`` on the grid from ``ONLINE_FIRST_FORK``
-   by ``ONLINE_GROWTH``,
-   ``batch_schedule: {kind: cbs, cbs_source: probes}``) grows its batch by the paper's doubling rule on the
-   newest read-off (``CBS_FRACTION`` of the CBS, at most ``MAX_BATCH``); against the small control at equal
+   by ``ONLINE_GROWTH``, ``batch_schedule: {kind: cbs, cbs_source: probes}``) grows its batch by the doubling
+   rule with ``cbs_fraction = CBS_FRACTION`` on the newest read-off (2: while the CBS is over the batch; at
+   most ``MAX_BATCH``); against the small control at equal
    tokens. The run itself is each fork's k = 1 branch (``probes.reference: run``), only the multipliers that
    can change the decision run (``probes.deciding_only``), and a branch evaluates once, at its end (its
    noise sd is the noise-floor model's that set its length).
@@ -55,16 +55,17 @@ from launcher.probes import RUN_ITSELF, ProbeConfig, budget_tokens, fit_and_plot
 
 RESULTS = ROOT / "benchmarks" / "results"
 CODE_PATHS = (*cache.MOE_TINY_CODE, "benchmarks/cbs_curve.py")
-# >= 6 points, dense early (the CBS rises fast): a geometric grid, which the online run's probes: takes
+# >= 6 points, dense early (the CBS rises fast): a geometric grid; the online run's probes: take a subset
 FIRST_FORK, FORK_GROWTH = 0.02, 2.0
 FORK_FRACS = tuple(FIRST_FORK * FORK_GROWTH**i for i in range(6))  # 0.02 ... 0.64
 # The online run forks at 8% and 32%: a fork costs at least a branch length (5% of this run); the first
-# online run (forks at 2-64%) read the same CBS at 16% as at 8% and at 64% as at 32%, and the runs of commit
-# 08a8dfc (forks at 2, 8, 32%, cbs_fraction 1) read the edge-low CBS at 2% on all three seeds (k = 4 lost
-# 8.8-11.0%), as the paper and calibration.md (CBS <= 8 at 2%) have it: the 2% fork only cost.
+# online run (forks at 2-64%) read the same CBS at 16% as at 8% and at 64% as at 32%, and the runs on
+# commit 5cb4124 (08a8dfc, ef8e62b: forks at 2, 8, 32%, cbs_fraction 1) read the edge-low CBS at 2% on all
+# three seeds (k = 4 lost 8.8-11.0%), as the paper and calibration.md (CBS <= 8 at 2%) have it: the 2% fork
+# only cost.
 ONLINE_FIRST_FORK, ONLINE_GROWTH = 0.08, 4.0
 ONLINE_EVALS = 1
-# Up to the measured CBS (grow while CBS > B). The paper's rule (CBS > 2 B, commit 08a8dfc's runs) stopped
+# Up to the measured CBS (grow while CBS > B). The paper's rule (CBS > 2 B, the runs on 5cb4124) stopped
 # at batch 16 from a CBS of 32 read at 32% (-31.3% steps, under the small control's loss on 3 seeds), and
 # at 8% its deciding k = 4 lost 2.0-2.6%, so whether batch 16 holds there was never asked; the half-CBS
 # rule of the first online run never grew (a CBS of 32 at batch 8 is not over 4 x 8).

@@ -680,7 +680,7 @@ class Recipe:
                 len(deciding_multipliers(pr.multipliers, b0, bs.cbs_fraction, bs.max_batch)) > 1,
                 f"probes.multipliers={list(pr.multipliers)}: no multiplier can grow batch {b0} under "
                 f"batch_schedule.cbs_fraction={bs.cbs_fraction} (a doubling needs cbs_fraction x k x {b0} > "
-                f"{2 * b0}); add larger multipliers or raise cbs_fraction",
+                f"{2 * b0}); add larger multipliers or raise cbs_fraction (at most 2)",
             )
         # A branch of pr.nproc processes: unsharded with one (launcher/probes.py branch_sets), else the
         # recipe's layout; it must split every batch a fork can ask for.

@@ -18,7 +18,7 @@ seesaw     arXiv 2510.14717: wherever the LR schedule crosses 1/2, 1/4, ... of i
            peak), double the batch; with ``lr_rule: sqrt`` the LR is ``factor(t) * sqrt(2)**k``, i.e.
            each 2x cut becomes a sqrt(2) cut plus a doubling
 cbs        arXiv 2505.23971 section 2.5: double whenever ``cbs_fraction * CBS(t) > 2 * batch`` (1: the
-           paper's rule; 2: up to the measured CBS itself), CBS(t)
+           paper's rule; 2: while the CBS is over the batch), CBS(t)
            interpolated linearly in a measured table (held constant outside it); with
            ``cbs_source: probes`` the table is the run's own online CBS probes (``probes:`` section):
            the run starts at one phase and :func:`grow_at` adds a phase at each probe's decision
@@ -156,8 +156,8 @@ class BatchScheduleConfig:
         if self.kind == "cbs":
             require(
                 0.0 < self.cbs_fraction <= MAX_CBS_FRACTION,
-                f"{S}.cbs_fraction={self.cbs_fraction}: must be in (0, {MAX_CBS_FRACTION:g}] (2 grows up to "
-                f"the measured CBS)",
+                f"{S}.cbs_fraction={self.cbs_fraction}: must be in (0, {MAX_CBS_FRACTION:g}] (1: the "
+                f"paper's rule, CBS > 2 x batch; 2: while the CBS is over the batch)",
             )
         if self.kind == "bopt":
             for name in ("bopt_coef", "bopt_exponent"):
