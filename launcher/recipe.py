@@ -23,7 +23,12 @@ import yaml
 from launcher.errors import RampError, check_choices, require, require_choice
 from launcher.gpu import GpuConfig
 from launcher.laws.bad_steps import BadStepAction
-from launcher.laws.batch_size import BatchSchedule, BatchScheduleConfig, deciding_multipliers
+from launcher.laws.batch_size import (
+    MAX_CBS_FRACTION,
+    BatchSchedule,
+    BatchScheduleConfig,
+    deciding_multipliers,
+)
 from launcher.laws.cbs import ProbeConfig
 from launcher.laws.memory import ClusterConfig, Precision, RecomputeConfig
 from launcher.laws.mup import MupConfig
@@ -680,7 +685,7 @@ class Recipe:
                 len(deciding_multipliers(pr.multipliers, b0, bs.cbs_fraction, bs.max_batch)) > 1,
                 f"probes.multipliers={list(pr.multipliers)}: no multiplier can grow batch {b0} under "
                 f"batch_schedule.cbs_fraction={bs.cbs_fraction} (a doubling needs cbs_fraction x k x {b0} > "
-                f"{2 * b0}); add larger multipliers or raise cbs_fraction (at most 2)",
+                f"{2 * b0}); add larger multipliers or raise cbs_fraction (at most {MAX_CBS_FRACTION:g})",
             )
         # A branch of pr.nproc processes: unsharded with one (launcher/probes.py branch_sets), else the
         # recipe's layout; it must split every batch a fork can ask for.
