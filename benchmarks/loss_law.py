@@ -15,12 +15,12 @@ batch. Schedules:
 
 Each law (``launcher/laws/loss_curve.py``; the momentum law with lambda from its run-length rule) is fitted
 on ``constant`` + ``wsd30`` and predicts all the others from their own LR and batch sequences. Errors are
-relative, on the validation points after the first 5% of each run: ``mape_mean`` is the mean over held-out
-schedules of each schedule's mean |error|, ``mape_max`` the worst single held-out point, ``final_error``
-the error at each run's last point, ``ordering_correct`` whether the predicted final losses of all runs
-sort like the measured ones. ``noise_floor``: the RMS relative difference between the constant run's
-validation curve and a repeat of it with another seed (data order and init), over the same points: what
-no law can resolve at this scale (a deterministic re-evaluation of one checkpoint on the fixed set gives
+relative, on the validation points after the first 5% of each run's tokens: ``mape_mean`` is the mean
+over held-out schedules of each schedule's mean |error|, ``mape_max`` the worst single held-out point,
+``final_error`` the error at each run's last point, ``ordering_correct`` whether the predicted final losses
+of all runs sort like the measured ones. ``noise_floor``: the RMS relative difference between the constant
+run's validation curve and a repeat of it with another seed (data order and init), over the same points:
+what no law can resolve at this scale (a deterministic re-evaluation of one checkpoint on the fixed set gives
 the same number, so "repeated evaluation" here is a repeated run).
 
     python benchmarks/loss_law.py [--tokens 2457600] [--schedules constant wsd30 cosine ...]
@@ -135,7 +135,7 @@ def to_curve(name: str, rec: dict) -> Curve:
 
 
 def held_out_points(c: Curve) -> np.ndarray:
-    return c.steps > SKIP_FRAC * c.schedule.steps
+    return c.after(SKIP_FRAC)
 
 
 def evaluate(curves: dict[str, Curve], lam: str) -> dict:

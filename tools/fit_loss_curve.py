@@ -223,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lambda", dest="lam", default="rule", help="momentum law: rule (default), fit or a value"
     )
-    ap.add_argument("--skip-frac", type=float, default=0.05, help="leave out points in this first fraction")
+    ap.add_argument(
+        "--skip-frac",
+        type=float,
+        default=0.05,
+        help="leave out points in this first fraction of each run's tokens",
+    )
     ap.add_argument("--fit", type=Path, help="a fit.json to use instead of fitting runs")
     ap.add_argument("--out", type=Path, default=Path("loss_fit"), help="where fit.json and fit.png go")
     ap.add_argument("--compare", action="append", type=Path, default=[], metavar="RUN", help="measured run")

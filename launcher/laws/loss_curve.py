@@ -273,6 +273,11 @@ class Curve:
     def tokens(self) -> np.ndarray:
         return self.schedule.tokens[self.steps - 1]
 
+    def after(self, frac: float) -> np.ndarray:
+        """Which loss points lie past the first ``frac`` of the run's tokens (not its steps: a run that grows
+        its batch takes its first 5% of steps on far fewer than 5% of its tokens)."""
+        return self.tokens > frac * self.schedule.tokens[-1]
+
 
 PARAMS: dict[str, tuple[str, ...]] = {
     "momentum": ("L0", "A", "alpha", "C"),
@@ -368,7 +373,7 @@ def _prepare(curves: Sequence[Curve], ref_lr: float, ref_batch: float, skip_frac
     out = []
     for c in curves:
         k, eta = virtual_steps(c.schedule, ref_lr, ref_batch)
-        keep = c.steps > skip_frac * c.schedule.steps
+        keep = c.after(skip_frac)
         require(int(keep.sum()) >= 3, f"{c.name}: fewer than 3 loss points after the first {skip_frac:.0%}")
         at = c.steps[keep] - 1
         out.append(_Prepared(eta, k, at, c.loss[keep], np.cumsum(k * eta)[at]))
@@ -384,7 +389,7 @@ def fit_loss_law(
 ) -> LossLaw:
     """Fit ``law`` jointly on ``curves`` (each point one residual); see the module docstring.
 
-    ``skip_frac``: points in the first fraction of each run's steps are left out (the earliest losses sit
+    ``skip_frac``: points in the first fraction of each run's tokens are left out (the earliest losses sit
     on no power law). ``ref_batch`` defaults to the first curve's first batch, ``ref_lr`` is its peak LR.
     """
     require(law in LAWS, f"law={law!r}: choose one of {', '.join(LAWS)}")

@@ -82,6 +82,19 @@ def test_virtual_steps_for_a_batch_doubling():
     assert sched.tokens.tolist() == [32, 64, 128, 192]
 
 
+def test_points_past_the_first_fraction_are_counted_in_tokens():
+    # batch 8 for 4 steps, then 32 for 4 steps, seq 1: tokens after each step 8 16 24 32 64 96 128 160.
+    # The first 20% of the run's 160 tokens (32) ends after step 4; the first 20% of its 8 steps after step 1.
+    sched = StepSchedule(np.full(8, 1e-3), np.array([8, 8, 8, 8, 32, 32, 32, 32]), seq_length=1)
+    curve = Curve("warmup", sched, np.arange(1, 9), np.linspace(5.0, 4.0, 8))
+    assert curve.after(0.2).tolist() == [False] * 4 + [True] * 4
+    assert curve.after(0.0).all()
+    # the fit skips by the same rule: past the first 60% of the tokens (96) only steps 7 and 8 remain (by
+    # steps, 5 to 8 would)
+    with pytest.raises(RampError, match="fewer than 3 loss points"):
+        fit_loss_law([curve], skip_frac=0.6)
+
+
 def test_virtual_steps_drop_equals_per_step_sequence():
     # a step of k = 2 virtual steps after a drop: the same S2 as two reference steps at the lower LR
     lam = 0.7
