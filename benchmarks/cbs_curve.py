@@ -21,10 +21,12 @@ control under WSD (issue 15).
     python benchmarks/cbs_curve.py [--seeds 0 1] [--online-seeds 0 1 2]
     python benchmarks/cbs_curve.py --seeds --online-seeds 0      # the online run and its control only
     python benchmarks/cbs_curve.py --tiny --out /tmp/cbs_tiny      # a minutes-long check of the pipeline
+    python benchmarks/cbs_curve.py --replot                         # cbs_curve.png from cbs_curve.json
 
 Writes ``benchmarks/results/cbs_curve.json`` (``tokens``, ``cbs``: lists per seed; ``probe_cost_frac``;
 ``online``: ``{"steps": {"probed", "small"}, "final_loss": {"probed", "small"}}`` lists over seeds; the 1B
-projection) and ``cbs_curve.png``; ``--tiny`` writes under ``--out`` only. Runs are cached by code version.
+projection) and ``cbs_curve.png`` (the CBS curves with their fits, the online runs' batch schedules);
+``--tiny`` writes under ``--out`` only. Runs are cached by code version.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ from benchmarks.cache import code_version, run_key  # noqa: E402
 from launcher import recipe as recipe_mod  # noqa: E402
 from launcher.laws import cbs as cbs_law  # noqa: E402
 from launcher.laws.batch_size import deciding_multipliers  # noqa: E402
-from launcher.probes import RUN_ITSELF, ProbeConfig, budget_tokens, fit_and_plot, run_fork  # noqa: E402
+from launcher.probes import (  # noqa: E402
+    RUN_ITSELF,
+    ProbeConfig,
+    budget_tokens,
+    draw_cbs_curve,
+    fit_and_plot,
+    run_fork,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CODE_PATHS = (*cache.MOE_TINY_CODE, "benchmarks/cbs_curve.py")
@@ -68,7 +77,9 @@ ONLINE_EVALS = 1
 # Up to the measured CBS (grow while CBS > B). The paper's rule (CBS > 2 B, the runs on 5cb4124) stopped
 # at batch 16 from a CBS of 32 read at 32% (-31.3% steps, under the small control's loss on 3 seeds), and
 # at 8% its deciding k = 4 lost 2.0-2.6%, so whether batch 16 holds there was never asked; the half-CBS
-# rule of the first online run never grew (a CBS of 32 at batch 8 is not over 4 x 8).
+# rule of the first online run never grew (a CBS of 32 at batch 8 is not over 4 x 8). Measured (commit
+# 83bc055, seeds 0-2): 8 -> 16 at 13% -> 32 at 37% on every seed, -59.0% steps, but a final loss 0.26-1.12%
+# above the small control's.
 CBS_FRACTION, MAX_BATCH = 2.0, 32
 
 
@@ -81,7 +92,7 @@ def sizes(tiny: bool) -> dict:
             "batch": 16,
             "steps": 24,
             "forks": (0.25, 0.5),
-            "first_fork": 0.25,
+            "online_first_fork": 0.25,
             "ks": [1, 4],
             "wsd": ["schedule.style=wsd", "schedule.warmup_tokens=1024", "schedule.decay.start_frac=0.8"],
             "probe": {"budget_tokens": 4096, "evals": 2},
@@ -101,7 +112,7 @@ def sizes(tiny: bool) -> dict:
         "batch": 8,
         "steps": 1200,  # 2.46 M tokens, calibration.md's run
         "forks": FORK_FRACS,
-        "first_fork": ONLINE_FIRST_FORK,
+        "online_first_fork": ONLINE_FIRST_FORK,
         "ks": list(cbs_law.DEFAULT_MULTIPLIERS),
         "wsd": ["schedule.style=wsd", "schedule.warmup_frac=0.02", "schedule.decay.start_frac=0.8"],
         "probe": {},
@@ -195,7 +206,7 @@ def online_run(sz: dict, seed: int, work: Path, cache: Path, version: str) -> di
         "batch_schedule.cbs_source=probes",
         f"batch_schedule.cbs_fraction={CBS_FRACTION}",
         f"batch_schedule.max_batch={cap}",
-        f"probes.first_tokens={round(sz['first_fork'] * tokens)}",
+        f"probes.first_tokens={round(sz['online_first_fork'] * tokens)}",
         f"probes.growth={ONLINE_GROWTH}",
         f"probes.multipliers={json.dumps(sz['ks'])}",
         f"probes.nproc={sz['nproc']}",
@@ -281,6 +292,69 @@ def projection_1b(
     }
 
 
+def plot(result: dict, sz: dict, path: Path) -> None:
+    """``cbs_curve.png``: the CBS read-offs of every curve seed with its fitted curve (left), and the online
+    runs' batch schedules against the small control, each fork marked with the CBS it read (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("cbs", "online") if k in result]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.8), squeeze=False)
+    axes = list(axes[0])
+    if "cbs" in result:
+        ax = axes.pop(0)
+        for i, s in enumerate(result["seeds"]):
+            key = str(s)
+            forks = zip(result["tokens"][key], result["cbs"][key], result["cbs_upper"][key])
+            # seeds side by side: each seed's forks a little to the right of the one before
+            pts = [(t * 1.05**i, c, up, None) for t, c, up in forks if c]
+            draw_cbs_curve(ax, pts, result["fit"][key], f"C{i}", f"seed {s}")
+        ax.set_xscale("log")
+        ax.set_title("CBS by branched training from the small control")
+    if "online" in result:
+        ax, on = axes.pop(0), result["online"]
+        total = sz["steps"] * sz["batch"] * sz["seq"]
+        decay = next(float(x.split("=")[1]) for x in sz["wsd"] if x.startswith("schedule.decay.start_frac="))
+        ax.axvspan(decay * total, total, color="0.9", label="WSD decay")
+        small = on["steps"]["small"][0]
+        ax.axhline(sz["batch"], color="k", ls="--", lw=1, label=f"small control ({small} steps)")
+        for i, s in enumerate(on["seeds"]):
+            pts = on["batches"][str(s)]
+            loss, ref = on["final_loss"]["probed"][i], on["final_loss"]["small"][i]
+            ax.step(
+                [t for t, _ in pts] + [total],
+                [b for _, b in pts] + [pts[-1][1]],
+                where="post",
+                color=f"C{i}",
+                lw=4 - 1.2 * i,
+                alpha=0.8,
+                label=f"seed {s}: {on['steps']['probed'][i]} steps, final loss {loss / ref - 1:+.2%}",
+            )
+            for f in on["forks"][str(s)]:
+                ax.plot([f["tokens"]], [f["batch_before"]], "v", color=f"C{i}")
+                if i == 0:
+                    ax.annotate(
+                        f"fork: CBS {f['cbs']}",
+                        (f["tokens"], f["batch_before"]),
+                        (4, -14),
+                        "data",
+                        "offset points",
+                    )
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set(
+            xlabel="tokens", ylabel="global batch (sequences)", title="online run: the probes set the batch"
+        )
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of the CBS curve")
@@ -293,7 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="runs trained at once (each a 1-process job sharing the machine's cores)",
     )
+    ap.add_argument("--replot", action="store_true", help="redraw cbs_curve.png from cbs_curve.json only")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = args.out or RESULTS
+        result = json.loads((out / "cbs_curve.json").read_text())
+        plot(result, sizes(result["tiny"]), out / "cbs_curve.png")
+        print(f"wrote {out / 'cbs_curve.png'}")
+        return 0
     if args.tiny and args.out is None:
         ap.error("--tiny writes nowhere near benchmarks/results: give --out DIR")
     if not (args.seeds or args.online_seeds):
@@ -345,15 +426,17 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
     result["branch_tokens"] = budget_tokens(cfg, sz["batch"], sz["seq"])
+    online_evals = sz["probe"].get("evals", ONLINE_EVALS)  # what the online runs' branches evaluated
     # the 1B projection by the online run's rules where there is one (forks and child branches per fork as
     # it measured them, the run as k = 1, one evaluation per branch), else by the curve's
     if online:
         forks = [f for s in args.online_seeds for f in online[s]["forks"]]
         n_forks = statistics.mean(len(online[s]["forks"]) for s in args.online_seeds)
         children = statistics.mean(f["child_branches"] for f in forks) if forks else 0.0
-        evals = sz["probe"].get("evals", ONLINE_EVALS)
-        pcfg = ProbeConfig(multipliers=sz["ks"], **(sz["probe"] | {"evals": evals}))
-        result["projection_1b"] = projection_1b(pcfg, n_forks, children, evals, MAX_BATCH // sz["batch"])
+        pcfg = ProbeConfig(multipliers=sz["ks"], **(sz["probe"] | {"evals": online_evals}))
+        result["projection_1b"] = projection_1b(
+            pcfg, n_forks, children, online_evals, MAX_BATCH // sz["batch"]
+        )
     else:
         forks = [f for s in args.seeds for f in curves[s]["forks"]]
         children = statistics.mean(len(f["branches"]) for f in forks)
@@ -383,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
             "cbs_fraction": CBS_FRACTION,
             "max_batch": MAX_BATCH,
             "forks_at_tokens": cbs_law.fork_points(
-                ProbeConfig(first_tokens=round(sz["first_fork"] * tokens), growth=ONLINE_GROWTH), tokens
+                ProbeConfig(first_tokens=round(sz["online_first_fork"] * tokens), growth=ONLINE_GROWTH),
+                tokens,
             ),
             "reference": "run",
             "deciding_only": True,
-            "evals_per_branch": evals,
+            "evals_per_branch": online_evals,
         }
         goals |= {
             "steps_saved >= 55% on every seed": all(x >= 0.55 for x in steps_saved),
@@ -399,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     result["goals"] = goals
     out.mkdir(parents=True, exist_ok=True)
     (out / "cbs_curve.json").write_text(json.dumps(result, indent=1))
+    plot(result, sz, out / "cbs_curve.png")
     for s in args.seeds:
         print(f"curve seed {s}: tokens {result['tokens'][str(s)]}  CBS {result['cbs'][str(s)]}")
     if curves:

@@ -46,7 +46,15 @@ from launcher.laws.batch_size import KIND_FIELDS, lr_multiplier
 from launcher.laws.cbs import BRANCH_SCHEDULES, ProbeConfig
 from launcher.laws.schedule import resolve_schedule
 
-__all__ = ["BRANCH_SCHEDULES", "Fork", "ProbeConfig", "fit_and_plot", "read_fork", "run_fork"]
+__all__ = [
+    "BRANCH_SCHEDULES",
+    "Fork",
+    "ProbeConfig",
+    "draw_cbs_curve",
+    "fit_and_plot",
+    "read_fork",
+    "run_fork",
+]
 
 PROBES_FILE = "probes.jsonl"
 PLOT_FILE = "cbs_vs_tokens.png"
@@ -428,22 +436,37 @@ def _plot(path: Path, pts, fit: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for t, lo, hi, edge in pts:
-        top = hi if hi is not None else lo * 2
-        ax.plot([t, t], [lo, top], color="C0", lw=2, ls="-" if hi is not None else ":")
-        ax.plot([t], [lo], "o", color="C0" if edge == "none" else "C3")
-    if "form" in fit and pts:
-        curve = cbs_law.CurveFit(fit["form"], fit["params"], fit["rms_log"], fit["loo_rms_log"])
-        ts = np.linspace(max(1.0, min(p[0] for p in pts) * 0.5), max(p[0] for p in pts) * 1.5, 200)
-        ax.plot(ts, curve(ts), color="C1", label=f"fit: {fit['form']} {fit['params']}")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("tokens at the fork")
-    ax.set_ylabel("CBS (sequences); bar: up to the first failing batch")
-    ax.set_yscale("log", base=2)
+    draw_cbs_curve(ax, pts, fit, "C0")
     ax.set_title("critical batch size by branched training (red: at the edge of the tried range)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw_cbs_curve(ax, pts, fit: dict[str, Any] | None, color: str, label: str = "") -> None:
+    """One run's CBS read-offs on a matplotlib ``ax``: per fork ``(tokens, cbs, cbs_upper, edge)`` a bar from
+    the CBS up to the first failing batch (dotted to 2 x the CBS where none failed), its dot red at the edge
+    of the tried range (``edge`` None: not marked), and the fitted curve of ``fit`` (a ``CurveFit`` dict);
+    ``label`` (e.g. "seed 0") names them in the legend."""
+    import numpy as np
+    from matplotlib.ticker import ScalarFormatter
+
+    for i, (t, lo, hi, edge) in enumerate(pts):
+        top = hi if hi is not None else lo * 2
+        ax.plot([t, t], [lo, top], color=color, lw=2, ls="-" if hi is not None else ":")
+        dot = "C3" if edge not in (None, "none") else color
+        ax.plot([t], [lo], "o", color=dot, label=f"{label}: read-offs" if label and i == 0 else None)
+    if fit is not None and "form" in fit and pts:
+        curve = cbs_law.CurveFit(fit["form"], fit["params"], fit["rms_log"], fit["loo_rms_log"])
+        ts = np.linspace(max(1.0, min(p[0] for p in pts) * 0.5), max(p[0] for p in pts) * 1.5, 200)
+        params = ", ".join(f"{k} {v:.3g}" for k, v in fit["params"].items())
+        name = f"{label}: fit" if label else "fit"
+        ax.plot(ts, curve(ts), color=color, alpha=0.6, label=f"{name}: {fit['form']} ({params})")
+    if label or (fit is not None and "form" in fit and pts):
+        ax.legend(fontsize=7)
+    ax.set_xlabel("tokens at the fork")
+    ax.set_ylabel("CBS (sequences); bar: up to the first failing batch")
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
