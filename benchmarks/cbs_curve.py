@@ -310,9 +310,9 @@ def plot(result: dict, sz: dict, path: Path) -> None:
         for i, s in enumerate(result["seeds"]):
             key = str(s)
             forks = zip(result["tokens"][key], result["cbs"][key], result["cbs_upper"][key])
+            pts = [(t, c, up, None) for t, c, up in forks if c]
             # seeds side by side: each seed's forks a little to the right of the one before
-            pts = [(t * 1.05**i, c, up, None) for t, c, up in forks if c]
-            draw_cbs_curve(ax, pts, result["fit"][key], f"C{i}", f"seed {s}")
+            draw_cbs_curve(ax, pts, result["fit"][key], f"C{i}", f"seed {s}", x_shift=1.05**i)
         ax.set_xscale("log")
         ax.set_title("CBS by branched training from the small control")
     if "online" in result:
@@ -338,7 +338,7 @@ def plot(result: dict, sz: dict, path: Path) -> None:
                 ax.plot([f["tokens"]], [f["batch_before"]], "v", color=f"C{i}")
                 if i == 0:
                     ax.annotate(
-                        f"fork: CBS {f['cbs']}",
+                        f"fork: CBS {f['cbs']}" if f["cbs"] else "fork: no read-off",
                         (f["tokens"], f["batch_before"]),
                         (4, -14),
                         "data",
@@ -370,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true", help="redraw cbs_curve.png from cbs_curve.json only")
     args = ap.parse_args(argv)
     if args.replot:
+        if args.tiny:
+            ap.error(
+                "--replot reads --out DIR/cbs_curve.json (its own 'tiny' field says which sizes): drop --tiny"
+            )
         out = args.out or RESULTS
+        if not (out / "cbs_curve.json").is_file():
+            ap.error(f"--replot: no {out / 'cbs_curve.json'}; run the benchmark first or give --out DIR")
         result = json.loads((out / "cbs_curve.json").read_text())
         plot(result, sizes(result["tiny"]), out / "cbs_curve.png")
         print(f"wrote {out / 'cbs_curve.png'}")

@@ -445,25 +445,29 @@ def _plot(path: Path, pts, fit: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def draw_cbs_curve(ax, pts, fit: dict[str, Any] | None, color: str, label: str = "") -> None:
+def draw_cbs_curve(
+    ax, pts, fit: dict[str, Any] | None, color: str, label: str = "", x_shift: float = 1.0
+) -> None:
     """One run's CBS read-offs on a matplotlib ``ax``: per fork ``(tokens, cbs, cbs_upper, edge)`` a bar from
     the CBS up to the first failing batch (dotted to 2 x the CBS where none failed), its dot red at the edge
     of the tried range (``edge`` None: not marked), and the fitted curve of ``fit`` (a ``CurveFit`` dict);
-    ``label`` (e.g. "seed 0") names them in the legend."""
+    ``label`` (e.g. "seed 0") names them in the legend; ``x_shift`` draws them at ``x_shift`` x their tokens
+    (runs side by side on a log axis)."""
     import numpy as np
     from matplotlib.ticker import ScalarFormatter
 
     for i, (t, lo, hi, edge) in enumerate(pts):
         top = hi if hi is not None else lo * 2
-        ax.plot([t, t], [lo, top], color=color, lw=2, ls="-" if hi is not None else ":")
+        x = t * x_shift
+        ax.plot([x, x], [lo, top], color=color, lw=2, ls="-" if hi is not None else ":")
         dot = "C3" if edge not in (None, "none") else color
-        ax.plot([t], [lo], "o", color=dot, label=f"{label}: read-offs" if label and i == 0 else None)
+        ax.plot([x], [lo], "o", color=dot, label=f"{label}: read-offs" if label and i == 0 else None)
     if fit is not None and "form" in fit and pts:
         curve = cbs_law.CurveFit(fit["form"], fit["params"], fit["rms_log"], fit["loo_rms_log"])
         ts = np.linspace(max(1.0, min(p[0] for p in pts) * 0.5), max(p[0] for p in pts) * 1.5, 200)
         params = ", ".join(f"{k} {v:.3g}" for k, v in fit["params"].items())
         name = f"{label}: fit" if label else "fit"
-        ax.plot(ts, curve(ts), color=color, alpha=0.6, label=f"{name}: {fit['form']} ({params})")
+        ax.plot(ts * x_shift, curve(ts), color=color, alpha=0.6, label=f"{name}: {fit['form']} ({params})")
     if label or (fit is not None and "form" in fit and pts):
         ax.legend(fontsize=7)
     ax.set_xlabel("tokens at the fork")

@@ -374,7 +374,10 @@ def _prepare(curves: Sequence[Curve], ref_lr: float, ref_batch: float, skip_frac
     for c in curves:
         k, eta = virtual_steps(c.schedule, ref_lr, ref_batch)
         keep = c.after(skip_frac)
-        require(int(keep.sum()) >= 3, f"{c.name}: fewer than 3 loss points after the first {skip_frac:.0%}")
+        require(
+            int(keep.sum()) >= 3,
+            f"{c.name}: fewer than 3 loss points after the first {skip_frac:.0%} of its tokens",
+        )
         at = c.steps[keep] - 1
         out.append(_Prepared(eta, k, at, c.loss[keep], np.cumsum(k * eta)[at]))
     return out
