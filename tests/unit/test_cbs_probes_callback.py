@@ -1,9 +1,13 @@
 """The online CBS-probe callback's decisions on the real recipe plan, with the branches stubbed: when it
-forks, what it decides, when it does not fork, and what a rewind or a stop does. (The branches themselves,
+forks, what it decides, when it does not fork, what a rewind or a stop does, and how a fork's checkpoint is
+kept past the run's retention (hard links, or a copy across filesystems). (The branches themselves,
 the pause and the resume are trained for real in tests/dist/test_online_probes.py.)"""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -182,3 +186,29 @@ def test_the_run_is_not_k1_when_its_lr_moves_over_the_branch(pg, monkeypatch, tm
     advance(t, 76)
     cb.on_step_start(t)
     assert cb.pending is None and t.pauses == 1 and forks[0]["reference"] is None
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_keep_checkpoint_links_or_copies_and_outlives_the_source(tmp_path, monkeypatch, links):
+    src = tmp_path / "run" / "checkpoints" / "step_0000010"
+    (src / "common").mkdir(parents=True)
+    (src / "common" / "shard.pt").write_bytes(b"\x00weights" * 100)
+    (src / "metadata.json").write_text('{"step": 10}')
+    if not links:  # another filesystem: os.link raises EXDEV, so the bytes are copied
+
+        def no_link(a, b, *args, **kw):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    dst = tmp_path / "probes" / "fork_000000040960" / "checkpoint"
+    probes.keep_checkpoint(src, dst)
+    before = _tree(src)
+    assert _tree(dst) == before and not dst.with_name(dst.name + ".tmp").exists()
+    same_inode = (src / "metadata.json").stat().st_ino == (dst / "metadata.json").stat().st_ino
+    assert same_inode is links
+    shutil.rmtree(src)  # the run's retention deletes its checkpoint: the kept one stays whole
+    assert _tree(dst) == before
