@@ -285,17 +285,19 @@ def run_fork(
     results: list[cbs_law.BranchResult] = []
     records: list[BranchRecord] = []
 
-    def model_noise(loss: float) -> float:
-        """The read-off's sd by the noise floor model that set the branch length (loss units)."""
+    def with_noise(loss: float, measured: float | None) -> tuple[float, str]:
+        """The read-off's sd and where it came from: measured over the branch's evaluations, else the noise
+        floor model's that set the branch length (loss units)."""
+        if measured is not None:
+            return measured, "evals"
         sd = cbs_law.noise_at(cfg.noise_sd, cfg.noise_tokens, budget)
-        return sd * loss if cfg.epsilon_mode == "relative" else sd
+        return (sd * loss if cfg.epsilon_mode == "relative" else sd), "model"
 
     if reference is not None:
         k = cfg.multipliers[0]
         require(k == 1, f"probes: the run can stand in for k=1 only, not the first multiplier {k:g}")
-        loss, noise = reference
-        noise_from = "evals" if noise is not None else "model"
-        noise = noise if noise is not None else model_noise(loss)
+        loss, measured = reference
+        noise, noise_from = with_noise(loss, measured)
         results.append(cbs_law.BranchResult(k, loss, noise, None))
         steps = budget // (fork.batch * fork.seq_length)
         records.append(
@@ -338,8 +340,7 @@ def run_fork(
             if loss is not None and not math.isfinite(loss):
                 loss, error = None, f"non-finite loss {loss}"
             if loss is not None:
-                noise_from = "evals" if noise is not None else "model"
-                noise = noise if noise is not None else model_noise(loss)
+                noise, noise_from = with_noise(loss, noise)
         results.append(cbs_law.BranchResult(k, loss, noise, error))
         records.append(
             BranchRecord(
