@@ -8,7 +8,6 @@ import multiprocessing
 import pickle
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -532,10 +531,7 @@ def test_prepare_embedded_caches_atomically(files, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_corpus_full(tmp_path, pg):
-    t0 = time.monotonic()
     model, prefix = prepare_embedded(tmp_path, 4096)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 90, f"embedded preparation took {elapsed:.0f} s"
     tok = load_tokenizer(model)
     ds = IndexedDataset(str(prefix))
     manifest = json.loads((prefix.parent / "manifest.json").read_text())
