@@ -166,9 +166,23 @@ def kill_me_with_parent() -> None:
     """In a process this worker forks (megatron's checkpoint writers): SIGKILL when the worker dies. A
     forked child has none of the worker's threads, so the watch above does not cover it, and a worker
     killed during a save would otherwise leave its writer waiting on a pipe forever (seen: an orphan from
-    a killed rank, still alive an hour and a half later)."""
+    a killed rank, still alive an hour and a half later). A parent that died before this call sends no
+    signal: the child then kills itself (the forking pid is noted just before every fork)."""
     import ctypes
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the orphan risk stays
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if _forked_by is not None and os.getppid() != _forked_by:  # the parent is already gone
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_forked_by: int | None = None  # in a forked child: the pid of the process that forked it
+
+
+def _note_forking_pid() -> None:
+    global _forked_by
+    _forked_by = os.getpid()
+
+
+os.register_at_fork(before=_note_forking_pid)

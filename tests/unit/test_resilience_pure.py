@@ -112,8 +112,6 @@ def _run_script(tmp_path, name: str, code: str, *args: str, env: dict | None = N
 
 def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
     """megatron forks checkpoint writers; a worker SIGKILLed mid-save must not leave them behind."""
-    import time
-
     worker = _run_script(
         tmp_path,
         "worker.py",
@@ -127,6 +125,33 @@ def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
         "print(pid, flush=True)\n"
         "time.sleep(120)\n",
     )
+    _killed_worker_leaves_no_child(worker)
+
+
+def test_a_child_whose_worker_died_before_its_fork_hook_ran_dies_too(tmp_path):
+    """The worker is SIGKILLed before its forked child has run the hook (a loaded machine may not schedule
+    the child for a while; here the child sleeps first): the parent-death signal was never armed, so the
+    child must see that its parent is gone and kill itself."""
+    worker = _run_script(
+        tmp_path,
+        "worker.py",
+        "import os, sys, time\n"
+        "from launcher.runlock import kill_me_with_parent\n"
+        "os.register_at_fork(after_in_child=lambda: (time.sleep(2), kill_me_with_parent()))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(120)\n",
+    )
+    _killed_worker_leaves_no_child(worker)
+
+
+def _killed_worker_leaves_no_child(worker: subprocess.Popen) -> None:
+    """SIGKILL ``worker`` (which printed its forked child's pid): the child is gone within 10 s."""
+    import time
+
     child = psutil.Process(int(worker.stdout.readline()))
     assert child.is_running()
     worker.kill()
@@ -134,7 +159,10 @@ def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
     deadline = time.time() + 10
     while time.time() < deadline and child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.1)
-    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    alive = child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    if alive:
+        child.kill()
+    assert not alive
 
 
 def _lock_holder(tmp_path, hold: str) -> subprocess.Popen:
