@@ -112,32 +112,26 @@ def _run_script(tmp_path, name: str, code: str, *args: str, env: dict | None = N
 
 def test_a_process_the_worker_forks_dies_with_the_worker(tmp_path):
     """megatron forks checkpoint writers; a worker SIGKILLed mid-save must not leave them behind."""
-    worker = _run_script(
-        tmp_path,
-        "worker.py",
-        "import os, sys, time\n"
-        "from launcher.runlock import kill_me_with_parent\n"
-        "os.register_at_fork(after_in_child=kill_me_with_parent)\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    time.sleep(120)\n"
-        "    os._exit(0)\n"
-        "print(pid, flush=True)\n"
-        "time.sleep(120)\n",
-    )
-    _killed_worker_leaves_no_child(worker)
+    _killed_worker_leaves_no_child(_forking_worker(tmp_path, "kill_me_with_parent"))
 
 
 def test_a_child_whose_worker_died_before_its_fork_hook_ran_dies_too(tmp_path):
     """The worker is SIGKILLed before its forked child has run the hook (a loaded machine may not schedule
     the child for a while; here the child sleeps first): the parent-death signal was never armed, so the
     child must see that its parent is gone and kill itself."""
-    worker = _run_script(
+    hook = "lambda: (time.sleep(2), kill_me_with_parent())"
+    _killed_worker_leaves_no_child(_forking_worker(tmp_path, hook))
+
+
+def _forking_worker(tmp_path, hook: str) -> subprocess.Popen:
+    """A worker that registers ``hook`` to run in the children it forks, forks one that sleeps, prints its
+    pid and sleeps."""
+    return _run_script(
         tmp_path,
         "worker.py",
         "import os, sys, time\n"
         "from launcher.runlock import kill_me_with_parent\n"
-        "os.register_at_fork(after_in_child=lambda: (time.sleep(2), kill_me_with_parent()))\n"
+        f"os.register_at_fork(after_in_child={hook})\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    time.sleep(120)\n"
@@ -145,7 +139,6 @@ def test_a_child_whose_worker_died_before_its_fork_hook_ran_dies_too(tmp_path):
         "print(pid, flush=True)\n"
         "time.sleep(120)\n",
     )
-    _killed_worker_leaves_no_child(worker)
 
 
 def _killed_worker_leaves_no_child(worker: subprocess.Popen) -> None:
