@@ -463,13 +463,14 @@ def draw_cbs_curve(
         ax.plot([x, x], [lo, top], color=color, lw=2, ls="-" if hi is not None else ":")
         dot = "C3" if edge not in (None, "none") else color
         ax.plot([x], [lo], "o", color=dot, label=f"{label}: read-offs" if label and i == 0 else None)
-    if fit is not None and "form" in fit and pts:
+    has_fit = fit is not None and "form" in fit and bool(pts)
+    if has_fit:
         curve = cbs_law.CurveFit(fit["form"], fit["params"], fit["rms_log"], fit["loo_rms_log"])
         ts = np.linspace(max(1.0, min(p[0] for p in pts) * 0.5), max(p[0] for p in pts) * 1.5, 200)
         params = ", ".join(f"{k} {v:.3g}" for k, v in fit["params"].items())
         name = f"{label}: fit" if label else "fit"
         ax.plot(ts * x_shift, curve(ts), color=color, alpha=0.6, label=f"{name}: {fit['form']} ({params})")
-    if label or (fit is not None and "form" in fit and pts):
+    if label or has_fit:
         ax.legend(fontsize=7)
     ax.set_xlabel("tokens at the fork")
     ax.set_ylabel("CBS (sequences); bar: up to the first failing batch")
