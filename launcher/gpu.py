@@ -12,6 +12,7 @@ Importing this module imports neither torch nor megatron: the recipe schema uses
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -45,7 +46,7 @@ class GpuConfig:
     masked_softmax_fusion: bool = True  # M-LM: True (--no-masked-softmax-fusion); local spec only
     gradient_accumulation_fusion: bool = True  # M-LM: True (--no-gradient-accumulation-fusion); needs Apex
     moe_permute_fusion: bool = True  # M-LM: False (--moe-permute-fusion); TE >= 2.1
-    moe_router_fusion: bool = True  # M-LM: False (--moe-router-fusion); TE >= 2.6
+    moe_router_fusion: bool = True  # M-LM: False (--moe-router-fusion); TE >= 2.7 (megatron-core 0.16)
     cross_entropy_loss_fusion: bool = True  # M-LM: False (--cross-entropy-loss-fusion)
     cross_entropy_fusion_impl: Literal["native", "te"] = "native"  # M-LM: native
     manual_gc: bool = True  # M-LM: False (--manual-gc)
@@ -95,13 +96,24 @@ def have_te() -> bool:
     return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
 
 
-def have_apex_wgrad_kernel() -> bool:
-    """Apex's fused_weight_gradient_mlp_cuda: what gradient_accumulation_fusion calls (output layer too)."""
+def _imports(*modules: str) -> bool:
     try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
+        for name in modules:
+            importlib.import_module(name)
     except ImportError:
         return False
     return True
+
+
+def have_apex_wgrad_kernel() -> bool:
+    """Apex's fused_weight_gradient_mlp_cuda: what gradient_accumulation_fusion calls (output layer too)."""
+    return _imports("fused_weight_gradient_mlp_cuda")
+
+
+def have_apex_softmax_kernels() -> bool:
+    """Apex's masked-softmax kernels, which megatron's local-spec attention imports when it runs (bf16,
+    keys <= 4096) if masked_softmax_fusion is on: a machine without them fails at the first forward."""
+    return _imports("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
 
 
 def _moe_kernel(name: str) -> bool:
@@ -168,6 +180,10 @@ def resolve(recipe: Recipe, device: str, probe: bool = True) -> Resolved:
     s["deallocate_pipeline_outputs"] = g.deallocate_pipeline_outputs and p.pp > 1
     s["masked_softmax_fusion"] = g.masked_softmax_fusion and not te
     checks = {
+        "masked_softmax_fusion": (
+            not probe or have_apex_softmax_kernels(),
+            "Apex's scaled_upper_triang_masked_softmax_cuda does not import",
+        ),
         "apply_rope_fusion": (te, "needs TransformerEngine"),
         "moe_permute_fusion": (
             te and recipe.model.is_moe and (not probe or _moe_kernel("fused_permute")),
@@ -175,7 +191,7 @@ def resolve(recipe: Recipe, device: str, probe: bool = True) -> Resolved:
         ),
         "moe_router_fusion": (
             te and recipe.model.is_moe and (not probe or _moe_kernel("fused_topk_with_score_function")),
-            "needs TransformerEngine >= 2.6",
+            "needs TransformerEngine >= 2.7",
         ),
         "gradient_accumulation_fusion": (
             not probe or have_apex_wgrad_kernel(),

@@ -101,7 +101,9 @@ def init_parallel(p: ParallelConfig, seed: int) -> None:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=1,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Megatron-LM's offset per pipeline stage: megatron's streams depend on the TP and EP rank only, so
+    # without it stages that hold no embedding draw identical layers (and experts).
+    tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
 
 
 def destroy_parallel(free_groups: bool = True) -> None:

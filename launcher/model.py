@@ -161,7 +161,9 @@ def wrap_ddp(
         overlap_param_gather=g.overlap_param_gather,
         align_param_gather=g.overlap_param_gather and interleaved,
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Not megatron's check (it raises, from inside the backward pass, before the bad-step guard can
+        # skip the update, and syncs the host once per bucket): the guard checks the reduced grad norm.
+        check_for_nan_in_grad=False,
     )
     wrapped = [
         DistributedDataParallel(

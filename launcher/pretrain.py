@@ -85,6 +85,10 @@ def gpu_plan(args: argparse.Namespace, r, d, env: layout.Env):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if torch.cuda.is_available():  # before anything (TransformerEngine's import included) starts CUDA
+        from launcher import gpu
+
+        gpu.set_cuda_env(os.environ)
     try:
         p = plan(args)
         r, d, env, schedule, table = p.recipe, p.derived, p.env, p.schedule, p.table
@@ -115,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     import patches
     from launcher import gpu, resilience, runlock
 
-    if d.device == "cuda":
-        gpu.set_cuda_env(os.environ)
     heartbeat = resilience.Heartbeat(
         r.resilience.heartbeat_s, connect_timeout_s=r.resilience.collective_timeout_s
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 import torch.distributed as dist
 
 from launcher.errors import RampError
@@ -98,16 +99,22 @@ def check_branch_target(loaded: Path, checkpoint_dir: Path) -> None:
         )
 
 
-def poison_grads(chunks) -> None:
-    """Fault injection: a NaN in the first gradient, as a bad batch or a flipped bit would make."""
-    for chunk in chunks:
-        for p in chunk.parameters():
-            grad = getattr(p, "main_grad", None)
-            if grad is None:
-                grad = p.grad
-            if grad is not None:
-                grad.view(-1)[0] = float("nan")
-                return
+class _NaNInBackward(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()  # not a view: megatron divides the loss in place
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def nan_in_backward(loss: torch.Tensor) -> torch.Tensor:
+    """Fault injection: ``loss`` unchanged, but its gradients NaN, as an overflow in the backward pass
+    makes them: the NaN goes through the pipeline and the data-parallel reduction like a real one."""
+    return _NaNInBackward.apply(loss)
 
 
 class Rewind(Exception):

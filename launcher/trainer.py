@@ -52,11 +52,17 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+#: Key marking a micro-batch whose loss is given NaN gradients (fault injection; not a data field).
+NAN_IN_BACKWARD = "nan_in_backward"
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, nan_in_backward: bool = False):
     losses = output.float().view(-1)
     mask = loss_mask.view(-1).float()
     total = torch.sum(losses * mask)
     loss = total / mask.sum()
+    if nan_in_backward:  # fault injection (resilience.inject_nan_steps)
+        loss = resilience.nan_in_backward(loss)
     # clone: the schedule divides the returned loss in place by the number of micro-batches
     return loss, {"lm_loss": loss.detach().clone(), "lm_sum": total.detach(), "tokens": mask.sum()}
 
@@ -67,7 +73,7 @@ def forward_step(data_iterator, chunk):
     a middle one nothing (the model takes its input from the previous stage, and its loss is not called)."""
     batch = next(data_iterator)
     output = chunk(batch.get("tokens"), batch.get("position_ids"), None, labels=batch.get("labels"))
-    return output, partial(_loss_func, batch.get("loss_mask"))
+    return output, partial(_loss_func, batch.get("loss_mask"), nan_in_backward=NAN_IN_BACKWARD in batch)
 
 
 @dataclass
@@ -335,7 +341,7 @@ class Trainer:
         nxt = self.guard.position_after(self.state, start + global_batch)
         return self._batch_key(nxt, phase.batch, phase.micro_batch_size)
 
-    def _to_device(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def to_device(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         if self.derived.device == "cuda":  # pinned by the reader: the copies overlap
             return [{k: v.cuda(non_blocking=True) for k, v in b.items()} for b in batches]
         return batches
@@ -347,7 +353,7 @@ class Trainer:
         nxt = self._next_batch_key(start, global_batch)
         if nxt is not None:
             self.prefetcher.prefetch(self.bundle.train, nxt)
-        return self._to_device(batches)
+        return self.to_device(batches)
 
     def _run(
         self, batches: list[dict[str, torch.Tensor]], forward_only: bool
@@ -368,6 +374,8 @@ class Trainer:
         wait a step has anyway (megatron's gradient norm, which clipping and the bad-step guard need)."""
         gbs = self.state.global_batch_size
         batches = self._train_batches(self.guard.data_position(self.state), gbs)
+        if is_bad_batch(self.recipe.resilience.inject_nan_steps, self.state.consumed_samples, gbs):
+            batches = [{**batches[0], NAN_IN_BACKWARD: True}, *batches[1:]]  # a copy: the reader's stays
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
@@ -375,8 +383,6 @@ class Trainer:
         losses = self._run(batches, forward_only=False)
         lm_dev = _reduce_over_last_stage([x["lm_loss"] for x in losses])
         aux_dev = self._moe_aux_sums()
-        if is_bad_batch(self.recipe.resilience.inject_nan_steps, self.state.consumed_samples, gbs):
-            resilience.poison_grads(self.chunks)
         host: dict[str, Any] = {}
 
         def read_loss() -> float:
@@ -434,7 +440,7 @@ class Trainer:
         batches = data.microbatches(
             self.bundle.valid, 0, n, key.micro_batch, key.dp_rank, key.dp_size, key.fields
         )
-        out = self._run(self._to_device(batches), forward_only=True)
+        out = self._run(self.to_device(batches), forward_only=True)
         if self.recipe.model.is_moe:
             from megatron.core.transformer.moe import moe_utils
 

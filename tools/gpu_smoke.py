@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,8 +28,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "gpu_smoke.json"
 GPU_RECIPES = ("moe-1b-a0.2b", "moe-7b-a1b", "moe-30b-a3b")
-# Dense bf16 peak (no sparsity) by device name; MFU is left out on other devices.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+# Dense bf16 peak (no sparsity) by device name, the first name contained in torch's device name (the PCIe
+# and NVL boards before the SXM ones they share a name with); MFU is left out on other devices.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS if k in device_name), None)
+
+
 FIT = 0.85  # the slice's micro-batch is the largest the memory model puts under this share of the GPU
 
 
@@ -143,8 +159,7 @@ def run_slice(name: str, steps: int, micro_batch: int) -> dict:
     predicted = stage.total - stage.reserve
     tokens = r.training.global_batch_size * r.model.seq_length
     flops = model_flops_per_step(r, tokens)
-    name_ = torch.cuda.get_device_name(0)
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name_), None)
+    peak_flops = peak_bf16_flops(torch.cuda.get_device_name(0))
     return {
         "recipe": name,
         "slice": sets[len(memory_probe.QUIET) :],
@@ -173,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per slice")
     args = ap.parse_args(argv)
+    from launcher import gpu
+
+    gpu.set_cuda_env(os.environ)  # a real run's CUDA environment, set before CUDA starts (slices inherit it)
     if not torch.cuda.is_available():
         print(
             "gpu_smoke: error: no CUDA device visible (torch.cuda.is_available() is False)", file=sys.stderr

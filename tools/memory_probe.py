@@ -68,7 +68,7 @@ def saved_activation_bytes(trainer) -> float:
         return t
 
     mbs = trainer.recipe.training.micro_batch_size
-    (batch,) = data.microbatches(trainer.bundle.train, 0, mbs, mbs, 0, 1)  # one micro-batch, every field
+    (batch,) = trainer.to_device(data.microbatches(trainer.bundle.train, 0, mbs, mbs, 0, 1))  # every field
     chunk = trainer.chunks[0]
     chunk.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -97,7 +97,7 @@ def measure(trainer, steps: int = 1) -> dict[str, Any]:
 def build(recipe_name: str, sets: list[str]):
     """The recipe's trainer in this single process (world size 1), with no logging side effects."""
     import patches
-    from launcher import build, gpu, layout, recipe
+    from launcher import build, gpu, layout, optim, recipe
 
     r = recipe.load(recipe_name, list(sets))
     env = layout.Env(rank=0, world_size=1, local_rank=0, local_world_size=1)
@@ -107,6 +107,9 @@ def build(recipe_name: str, sets: list[str]):
     layout.set_threads(r.training.threads, env)
     layout.init_world(d.device, env)
     trainer = build.build_trainer(r, d, schedule, table)
+    # No LR-schedule callback runs in these tools (they call train_step): train at the recipe's peak LR,
+    # so that the steps really update (the optimizer is built at LR 0 until the schedule's first step).
+    optim.apply_schedule(trainer.optimizer, lr_factor=1.0, weight_decay=r.optimizer.weight_decay)
     plan = gpu.memory_plan(r, d, trainer.gpu)
     return r, d, trainer, plan
 

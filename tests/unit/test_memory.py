@@ -222,3 +222,28 @@ def test_gpu_smoke_slice_holds_what_one_gpu_of_the_layout_holds(name):
     lay_full = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=8)
     assert layer_params(full.model, lay_full, True).expert == layer_params(cut.model, Layout(), True).expert
     assert cut.model.num_layers == full.model.num_layers // p.pp
+
+
+def test_gpu_smoke_peak_flops_by_board():
+    """Dense bf16 peaks from NVIDIA's data sheets (half the sparse figures): the PCIe and NVL boards are not
+    read as the SXM part whose name they contain."""
+    from tools.gpu_smoke import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_bf16_flops("NVIDIA H200 NVL") == 835e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_local_spec_softmax_fusion_needs_apex_kernels():
+    """megatron's local attention imports Apex's masked-softmax kernels inside its forward when the fusion
+    is on: on a machine without them (this one) the plan turns the fusion off with a note instead."""
+    from launcher import gpu
+
+    r = recipe.load("moe-1b-a0.2b", ["gpu.transformer_engine=local"])
+    probed = gpu.resolve(r, "cuda", probe=True)
+    assert probed.settings["masked_softmax_fusion"] is False
+    assert any(n.startswith("gpu.masked_softmax_fusion off: Apex") for n in probed.notes)
+    assert gpu.resolve(r, "cuda", probe=False).settings["masked_softmax_fusion"] is True  # planned elsewhere
