@@ -268,14 +268,21 @@ def activation_terms(
     a = 2 if precision == "bf16" else 4
     h, hd = model.hidden_size, model.head_dim
     nq, ng = model.num_attention_heads, model.query_groups
-    drop_ln = recompute.drops("layernorm")
     terms: dict[str, float] = {}
     te = kernels.transformer_engine
+    # layernorm recompute acts on norms that are modules of their own: under TE the attention norm and a
+    # dense MLP's are fused into the next linear (megatron builds an IdentityOp in their place, which it
+    # does not recompute); only an MoE layer's pre-MLP norm stays a module there
+    drop_attn_ln = recompute.drops("layernorm") and not te
+    drop_mlp_ln = recompute.drops("layernorm") and (moe or not te)
+
     # a norm keeps its input and fp32 1/rms; torch's (local spec) also the normalised input before the gain
-    norm = lambda width: width * a + 4 + (0 if te or drop_ln else width * a)
+    def norm(width: int, dropped: bool) -> float:
+        return width * a + 4 + (0 if te or dropped else width * a)
+
     # attention block
-    terms["attn.norm"] = norm(h)
-    terms["attn.norm_output"] = 0.0 if drop_ln else h * a  # the QKV projection's input
+    terms["attn.norm"] = norm(h, drop_attn_ln)
+    terms["attn.norm_output"] = 0.0 if drop_attn_ln else h * a  # the QKV projection's input
     terms["attn.qkv"] = (nq + 2 * ng) * hd * a  # QKV output (V is a view into it)
     terms["attn.rotated_qk"] = (nq + ng) * hd * a  # rotated (and normed) query and key
     if model.qk_layernorm:
@@ -293,8 +300,8 @@ def activation_terms(
         # probabilities: the fp32 softmax output, plus the cast copy the V product keeps in bf16
         terms["attn.core"] = nq * seq * (4 + (a if a != 4 else 0))
     # MLP block
-    terms["mlp.norm"] = norm(h)
-    terms["mlp.norm_output"] = 0.0 if drop_ln else h * a
+    terms["mlp.norm"] = norm(h, drop_mlp_ln)
+    terms["mlp.norm_output"] = 0.0 if drop_mlp_ln else h * a
 
     def mlp(width: float, tokens: float, drop_act: bool, weighted: bool) -> float:
         fc1 = 2 * width * a  # gate and up projections (SwiGLU)

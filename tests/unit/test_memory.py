@@ -77,13 +77,22 @@ def test_one_layer_activations_by_hand():
     # TP2 with sequence parallelism halves it
     got = layer_activation_bytes(SMALL, Layout(tp=2), 2, 8, "bf16", RecomputeConfig(), TE_FUSED, moe=True)
     assert got == per_token * 8 * 2 / 2
-    # recomputing the experts' activation drops 2 routed copies of 32*2 bytes; layernorm drops 2 x 128
+    # recomputing the experts' activation drops 2 routed copies of 32*2 bytes; layernorm drops the MoE
+    # norm's output (128) only: under TE the attention norm is fused into the QKV projection (megatron's
+    # IdentityOp in its place is not recomputed), and so is a dense layer's pre-MLP norm
     rc = RecomputeConfig(granularity="selective", modules=["moe_act", "layernorm"])
     got = layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", rc, TE_FUSED, moe=True)
-    assert got == (per_token - 2 * 64 - 2 * 128) * 8 * 2
+    assert got == (per_token - 2 * 64 - 128) * 8 * 2
+    dense = layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", RecomputeConfig(), TE_FUSED, moe=False)
+    rc = RecomputeConfig(granularity="selective", modules=["layernorm"])
+    assert layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", rc, TE_FUSED, moe=False) == dense
+    # the local spec's norms are modules: both outputs and torch's normalised inputs go (4 x 128)
+    local = Kernels(transformer_engine=False, fused_swiglu=True, fused_cross_entropy=True)
+    keep = layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", RecomputeConfig(), local, moe=True)
+    got = layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", rc, local, moe=True)
+    assert got == keep - 4 * 128 * 8 * 2
     # without TE: the s x s probabilities (fp32 softmax + bf16 copy: 4 heads * 8 * 6 bytes) replace the
     # statistics; the torch norms keep their normalised input (+128 each); GQA repeats k and v (+(8-2)*16*2)
-    local = Kernels(transformer_engine=False, fused_swiglu=True, fused_cross_entropy=True)
     got = layer_activation_bytes(SMALL, Layout(), 2, 8, "bf16", RecomputeConfig(), local, moe=True)
     assert got == (per_token - 16 + 4 * 8 * 6 + 2 * 128 + 6 * 16 * 2) * 8 * 2
 
