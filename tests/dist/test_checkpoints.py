@@ -56,21 +56,24 @@ def test_reshard_resume_from_dp2(target, straight_dp2, tmp_path):
     assert_continues(run, straight_dp2, HALF + 1, STEPS)
 
 
-def test_bf16_model_only_load_trains_from_the_loaded_weights(straight_dp2, tmp_path):
-    """Weights only (checkpoint.load_optimizer=false, as after an HF import) into a bf16 model with the
-    distributed optimizer, as the GPU recipes run: its fp32 main copies must take the loaded weights too.
-    Without that the first step writes init + update back (seen: the next loss 8.30 against the
-    continuation's 7.89, back at an untrained model's). A fresh Adam and bf16 stay within 0.1 of the fp32
-    continuation with Adam's state; the first loss, before any update, within bf16 rounding."""
+@pytest.mark.parametrize("distopt", [True, False], ids=["distopt", "adam"])
+def test_bf16_model_only_load_trains_from_the_loaded_weights(distopt, straight_dp2, tmp_path):
+    """Weights only (checkpoint.load_optimizer=false, as after an HF import) into a bf16 model, with the
+    distributed optimizer (as the GPU recipes run) and without: the optimizer's fp32 main copies must take
+    the loaded weights too. Without that the first step writes init + update back (seen: the next loss
+    8.30 against the continuation's 7.89, back at an untrained model's). A fresh Adam and bf16 stay within
+    0.1 of the fp32 continuation with Adam's state; the first loss, before any update, within bf16
+    rounding. The run saves at its end (bf16 without the distributed optimizer failed there while the
+    CPU norms' weights stayed fp32)."""
     sets = [
         f"training.train_steps={STEPS}",
         f"checkpoint.load={step_checkpoint(straight_dp2, HALF)}",
         "checkpoint.load_optimizer=false",
         "training.precision=bf16",
-        "parallel.distributed_optimizer=true",
-        "checkpoint.save_at_exit=false",
+        f"parallel.distributed_optimizer={str(distopt).lower()}",
     ]
     got, ref = run_ramp(tmp_path, sets).check().series("loss"), straight_dp2.series("loss")
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
     assert sorted(got) == list(range(HALF + 1, STEPS + 1))
     assert got[HALF + 1] == pytest.approx(ref[HALF + 1], abs=1e-3)
     for s in range(HALF + 2, STEPS + 1):
