@@ -441,7 +441,7 @@ def load(path: Path, chunks, optimizer, with_optimizer: bool = True) -> dict[str
         )
         for group, settings in zip(groups, built):
             group.update(settings)
-    else:
+    elif optimizer is not None:
         # A bf16 optimizer keeps fp32 main copies of the weights, built from the initialisation; without
         # this the first step would write init + update back over the loaded weights (megatron's
         # reload_model_params is for exactly this case; a no-op for fp32 weights).

@@ -92,7 +92,6 @@ def _free_port() -> int:
 def init_parallel(p: ParallelConfig, seed: int) -> None:
     """Build megatron's TP/PP/DP/EP groups for this layout and seed its RNG streams."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
@@ -101,9 +100,29 @@ def init_parallel(p: ParallelConfig, seed: int) -> None:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=1,
     )
-    # Megatron-LM's offset per pipeline stage: megatron's streams depend on the TP and EP rank only, so
-    # without it stages that hold no embedding draw identical layers (and experts).
-    tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
+    seed_streams(
+        seed,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=p.ep,
+    )
+
+
+def seed_streams(seed: int, pp_rank: int, tp_rank: int, ep_rank: int, ep_size: int) -> None:
+    """Seed megatron's RNG streams (default, tensor-parallel, expert) for one rank, each different on every
+    rank that must draw its own weights.
+
+    megatron's streams depend on the TP and EP rank only: Megatron-LM adds 100 x stage to the seed, without
+    which stages that hold no embedding draw identical layers. The expert stream (megatron: seed + 1024 +
+    100 x EP rank) would then repeat across stages (stage 1 / EP rank 0 = stage 0 / EP rank 1), so its EP
+    rank is made unique over (stage, EP rank).
+    """
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed + 100 * pp_rank, tp_rank=tp_rank, ep_rank=ep_rank + ep_size * pp_rank, etp_rank=0
+    )
 
 
 def destroy_parallel(free_groups: bool = True) -> None:

@@ -132,6 +132,13 @@ def build_chunks(recipe: Recipe, derived: Derived, config, vocab_size: int) -> l
             rotary_base=int(m.rotary_base),
             vp_stage=vp_stage,
         )
+        if config.bf16:
+            # Every weight in bf16, as Megatron-LM's Float16Module casts them: torch's and Apex's norms (CPU,
+            # local spec) are built in fp32 whatever params_dtype says, and megatron's non-distributed bf16
+            # optimizer maps its fp32 copies to the bf16 weights by position (its checkpoint save failed).
+            for param in model.parameters():
+                if param.dtype == torch.float32:
+                    param.data = param.data.to(torch.bfloat16)
         # Mark experts expert-parallel even at EP=1, so the optimizer (and its checkpoint) has the same
         # structure in every layout and optimizer state reshards across EP=1 <-> EP>1.
         for name, param in model.named_parameters():

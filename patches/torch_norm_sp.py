@@ -24,13 +24,10 @@ def _new(
 ):
     assert not config.layernorm_zero_centered_gamma, "zero_centered_gamma not supported by torch norms"
     kind = config.normalization
-    # in the model's dtype, as every other weight (an fp32 norm in a bf16 model breaks megatron's
-    # non-distributed bf16 optimizer's checkpoint, which maps its fp32 copies to bf16 weights by position)
-    dtype = config.params_dtype
     if kind == "LayerNorm":
-        norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
+        norm = torch.nn.LayerNorm(hidden_size, eps=eps)
     elif kind == "RMSNorm":
-        norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=dtype)
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
     else:
         raise ValueError(f"normalization {kind!r} is not supported by the torch norm wrapper")
     for p in norm.parameters():

@@ -143,16 +143,17 @@ def test_changed_data_order_is_refused_unless_a_branch(straight, tmp_path):
     ] == STEPS
 
 
-def test_nan_gradient_skips_exactly_that_update(tmp_path):
-    run = run_ramp(
-        tmp_path,
-        [
-            "training.train_steps=4",
-            "training.eval_interval=1",
-            "training.eval_samples=16",
-            "resilience.inject_nan_steps=[3]",
-        ],
-    ).check()
+@pytest.mark.parametrize("layout", [None, "parallel.pp=2"], ids=["one_process", "pp2"])
+def test_nan_gradient_skips_exactly_that_update(layout, tmp_path):
+    """The NaN enters the last stage's backward pass; under PP2 it crosses the pipeline to the first stage,
+    and both stages skip the same update (the rewind test runs it under DP2)."""
+    sets = [
+        "training.train_steps=4",
+        "training.eval_interval=1",
+        "training.eval_samples=16",
+        "resilience.inject_nan_steps=[3]",
+    ]
+    run = run_ramp(tmp_path, [*sets, *([layout] if layout else [])], nproc=2 if layout else 1).check()
     val = {r["step"]: r["val_loss"] for r in run.evals}
     assert val[3] == val[2], "the weights changed in a skipped step"
     assert val[4] != val[3]

@@ -246,13 +246,16 @@ def test_gpu_smoke_peak_flops_by_board():
     assert peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
 
 
-def test_local_spec_softmax_fusion_needs_apex_kernels():
+def test_local_spec_softmax_fusion_needs_apex_kernels(monkeypatch):
     """megatron's local attention imports Apex's masked-softmax kernels inside its forward when the fusion
-    is on: on a machine without them (this one) the plan turns the fusion off with a note instead."""
+    is on: on a machine without them the plan turns the fusion off with a note instead."""
     from launcher import gpu
 
     r = recipe.load("moe-1b-a0.2b", ["gpu.transformer_engine=local"])
+    monkeypatch.setattr(gpu, "have_apex_softmax_kernels", lambda: False)
     probed = gpu.resolve(r, "cuda", probe=True)
     assert probed.settings["masked_softmax_fusion"] is False
     assert any(n.startswith("gpu.masked_softmax_fusion off: Apex") for n in probed.notes)
     assert gpu.resolve(r, "cuda", probe=False).settings["masked_softmax_fusion"] is True  # planned elsewhere
+    monkeypatch.setattr(gpu, "have_apex_softmax_kernels", lambda: True)
+    assert gpu.resolve(r, "cuda", probe=True).settings["masked_softmax_fusion"] is True
