@@ -299,13 +299,17 @@ class Trainer:
         ck = self.recipe.checkpoint
         if ck.branch and self.loaded_from is None:  # a rewind reloads the branch's own checkpoint
             resilience.check_branch_target(path, self.recipe.checkpoint_dir)
-        resilience.check_resume(
-            checkpoint.read_trainer_state(path).get("fingerprint"), self.fingerprint, ck.branch, path
-        )
-        saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=ck.load_optimizer)
+        stored = checkpoint.read_trainer_state(path)
+        resilience.check_resume(stored.get("fingerprint"), self.fingerprint, ck.branch, path)
+        # The run's own checkpoints (a resume, a requeue, a rewind) are whole and load whole:
+        # checkpoint.load_optimizer=false is for starting from other weights (an HF import), not for
+        # dropping Adam's state at every requeue of such a run.
+        own = path.parent.resolve() == self.recipe.checkpoint_dir.resolve() and not stored.get("model_only")
+        with_optimizer = ck.load_optimizer or own
+        saved = checkpoint.load(path, self.chunks, self.optimizer, with_optimizer=with_optimizer)
         self.loaded_from = path
         self.state = TrainState(**saved["state"])
-        if ck.load_optimizer and path.parent.resolve() == self.recipe.checkpoint_dir.resolve():
+        if own:
             self.last_saved = (self.state.step, path)  # a switch or pause here need not save it again
         # The checkpoint carries the data position; the batch of the next step (and its LR factor) is the
         # batch schedule's at that position, set by its callback at every step start.

@@ -56,6 +56,24 @@ def test_reshard_resume_from_dp2(target, straight_dp2, tmp_path):
     assert_continues(run, straight_dp2, HALF + 1, STEPS)
 
 
+def test_run_started_from_weights_only_resumes_its_own_checkpoints_whole(straight_dp2, tmp_path):
+    """A run started from weights only (checkpoint.load_optimizer=false) keeps that setting when requeued;
+    its own checkpoints still load with Adam's state: stopped after step 5 and resumed, steps 6 and 7 equal
+    the uninterrupted run's to the last bit (step 7's loss follows step 6's update, which Adam's state
+    makes; without, the resume restarted Adam)."""
+    start = [f"checkpoint.load={step_checkpoint(straight_dp2, HALF)}", "checkpoint.load_optimizer=false"]
+    last = STEPS + 1
+    straight = run_ramp(tmp_path / "straight", [*start, f"training.train_steps={last}"]).check()
+    first = run_ramp(tmp_path / "requeued", [*start, f"training.train_steps={last - 2}"]).check()
+    resumed = run_ramp(
+        tmp_path / "requeued",
+        ["checkpoint.load=latest", "checkpoint.load_optimizer=false", f"training.train_steps={last}"],
+    ).check()
+    assert sorted(first.series("loss")) == list(range(HALF + 1, last - 1))
+    want = straight.series("loss")
+    assert {s: resumed.series("loss")[s] for s in (last - 1, last)} == {s: want[s] for s in (last - 1, last)}
+
+
 @pytest.mark.parametrize("distopt", [True, False], ids=["distopt", "adam"])
 def test_bf16_model_only_load_trains_from_the_loaded_weights(distopt, straight_dp2, tmp_path):
     """Weights only (checkpoint.load_optimizer=false, as after an HF import) into a bf16 model, with the
