@@ -52,6 +52,20 @@ TINY = [
 ]
 
 
+def cuda_sets() -> list[str]:
+    """A GPU test run's overrides: CUDA and bf16, with megatron's local spec where TransformerEngine does not
+    load (a GPU machine without TE still checks NCCL, bf16 and the local spec, and says which it built)."""
+    from launcher import gpu
+
+    local = [] if gpu.have_te() else ["gpu.transformer_engine=local"]
+    return ["training.device=cuda", "training.precision=bf16", *local]
+
+
+#: The attention and expert classes megatron builds (launcher.gpu.built_classes) with TE and without.
+TE_CLASSES = {"attention": "TEDotProductAttention", "experts": "TEGroupedMLP"}
+LOCAL_CLASSES = {"attention": "DotProductAttention", "experts": "SequentialMLP"}
+
+
 def ramp_env() -> dict[str, str]:
     return child_env()
 

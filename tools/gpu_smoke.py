@@ -2,12 +2,14 @@
 
     python -m tools.gpu_smoke            # all GPU recipes, one GPU each, ~5 minutes on one H100
     python -m tools.gpu_smoke --recipe moe-7b-a1b --steps 3
+    python -m tools.gpu_smoke --set gpu.transformer_engine=local --set recompute.granularity=none  # no TE
 
 Prints torch/CUDA/TE versions and megatron's ``HAVE_TE``, then for a one-GPU slice of each GPU recipe
 (the per-GPU shape of its layout: EP1 with the recipe's local experts, so top-k over them routes as many
 tokens per GPU as the full layout's balanced EP; one pipeline stage's layers; the distributed optimizer
 on one rank): the classes built, peak memory against laws/memory.py's prediction, step time and MFU, and
-the synchronising calls of one step under ``torch.cuda.set_sync_debug_mode("warn")``. Each slice runs in
+the synchronising calls of one step under ``torch.cuda.set_sync_debug_mode("warn")``, counted by the
+Python line that made them. Each slice runs in
 its own process (an OOM loses one row, not the run). Writes benchmarks/results/gpu_smoke.json. Without
 CUDA it stops at once with one line.
 """
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -69,16 +72,19 @@ def versions() -> dict:
     return info
 
 
-def slice_sets(name: str, micro_batch: int | None = None, steps: int = 4) -> list[str]:
-    """Overrides that cut a recipe to what one GPU of its layout holds."""
+def slice_sets(
+    name: str, micro_batch: int | None = None, steps: int = 4, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """Overrides that cut a recipe to what one GPU of its layout holds (after the user's ``extra``)."""
     from launcher import recipe
 
-    r = recipe.load(name)
+    r = recipe.load(name, list(extra))
     m, p = r.model, r.parallel
     layers = m.num_layers // p.pp
     local_experts = m.num_experts // p.ep
     mb = micro_batch or r.training.micro_batch_size
     return [
+        *extra,
         "parallel.tp=1",
         "parallel.pp=1",
         "parallel.vpp=null",
@@ -102,13 +108,13 @@ def slice_sets(name: str, micro_batch: int | None = None, steps: int = 4) -> lis
     ]
 
 
-def fitting_micro_batch(name: str, gpu_memory_gb: float) -> int:
+def fitting_micro_batch(name: str, gpu_memory_gb: float, extra: tuple[str, ...] = ()) -> int:
     """The recipe's micro-batch, halved until the memory model puts the slice under FIT of this GPU."""
     from launcher import gpu, recipe
 
-    mb = recipe.load(name).training.micro_batch_size
+    mb = recipe.load(name, list(extra)).training.micro_batch_size
     while True:
-        r = recipe.load(name, slice_sets(name, mb))
+        r = recipe.load(name, slice_sets(name, mb, extra=extra))
         d = r.derive(1, cuda_available=True)
         plan = gpu.memory_plan(r, d, gpu.resolve(r, "cuda", probe=False))
         if plan.peak_gb + 3.0 <= FIT * gpu_memory_gb or mb == 1:
@@ -127,12 +133,24 @@ def model_flops_per_step(r, tokens: int) -> float:
     return (6 * matmul + attention) * tokens
 
 
-def run_slice(name: str, steps: int, micro_batch: int) -> dict:
+RAMP_PACKAGES = ("launcher/", "tools/", "patches/")
+
+
+def _where(filename: str, lineno: int) -> str:
+    """A warning's Python frame (the line that called the synchronising op), relative to this checkout or
+    to site-packages."""
+    path = Path(filename)
+    if path.is_relative_to(ROOT):
+        return f"{path.relative_to(ROOT)}:{lineno}"
+    return f"{filename.rsplit('site-packages/', 1)[-1]}:{lineno}"
+
+
+def run_slice(name: str, steps: int, micro_batch: int, extra: tuple[str, ...] = ()) -> dict:
     """In this process: build the slice, time ``steps`` steps, measure memory, one step in sync-debug mode."""
     from launcher import gpu, layout
     from tools import memory_probe
 
-    sets = [*memory_probe.QUIET, *slice_sets(name, micro_batch, steps)]
+    sets = [*memory_probe.QUIET, *slice_sets(name, micro_batch, steps, extra)]
     r, _, trainer, plan = memory_probe.build(name, sets)
     try:
         built = gpu.built_classes(trainer.chunks)
@@ -152,7 +170,7 @@ def run_slice(name: str, steps: int, micro_batch: int) -> dict:
                 trainer.train_step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        sites = Counter(_where(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message))
     finally:
         layout.shutdown()
     stage = plan.stages[0]
@@ -175,8 +193,9 @@ def run_slice(name: str, steps: int, micro_batch: int) -> dict:
         "tokens_per_s": round(tokens / step_time),
         "mfu": round(flops / step_time / peak_flops, 4) if peak_flops else None,
         "losses": [round(float(x), 4) for x in losses],
-        "sync_calls_in_one_step": len(syncs),
-        "sync_call_sites": sorted(set(syncs))[:20],
+        "sync_calls_in_one_step": sum(sites.values()),
+        "sync_calls_in_ramp": sum(n for w, n in sites.items() if w.startswith(RAMP_PACKAGES)),
+        "sync_call_sites": dict(sites.most_common(25)),
     }
 
 
@@ -184,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpu_smoke", description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", action="append", help="a GPU recipe (default: all of them)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per slice")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every slice"
+    )
     ap.add_argument("--slice", help=argparse.SUPPRESS)  # internal: run one slice, print its JSON
     ap.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per slice")
     args = ap.parse_args(argv)
     from launcher import gpu
 
+    extra = tuple(args.set)
     gpu.set_cuda_env(os.environ)  # a real run's CUDA environment, set before CUDA starts (slices inherit it)
     if not torch.cuda.is_available():
         print(
@@ -197,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.slice:
-        print(json.dumps(run_slice(args.slice, args.steps, args.micro_batch)), flush=True)
+        print(json.dumps(run_slice(args.slice, args.steps, args.micro_batch, extra)), flush=True)
         return 0
     info = versions()
     for k, v in info.items():
         print(f"{k:>20}: {v}", flush=True)
     rows = []
     for name in args.recipe or GPU_RECIPES:
-        mb = fitting_micro_batch(name, info["gpu_memory_gb"])
+        mb = fitting_micro_batch(name, info["gpu_memory_gb"], extra)
         cmd = [sys.executable, "-m", "tools.gpu_smoke", "--slice", name, "--steps", str(args.steps)]
-        cmd += ["--micro-batch", str(mb)]
+        cmd += ["--micro-batch", str(mb), *(f"--set={s}" for s in extra)]
         print(f"-- {name}: one-GPU slice at micro-batch {mb}", flush=True)
         try:
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -222,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"   built {row['built']}\n   peak {row['peak_allocated_gb']} GB vs predicted "
                 f"{row['predicted_gb']} GB (x{row['measured_over_predicted']}), step {row['step_time_s']} s, "
-                f"MFU {row['mfu']}, {row['sync_calls_in_one_step']} synchronising calls in one step",
+                f"MFU {row['mfu']}, {row['sync_calls_in_one_step']} synchronising calls in one step "
+                f"({row['sync_calls_in_ramp']} in ramp's code)",
                 flush=True,
             )
         rows.append(row)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"versions": info, "slices": rows}, indent=1) + "\n")
+    RESULT.write_text(json.dumps({"versions": info, "sets": list(extra), "slices": rows}, indent=1) + "\n")
     print(f"wrote {RESULT.relative_to(ROOT)}", flush=True)
     return 0 if all("error" not in r for r in rows) else 1
 

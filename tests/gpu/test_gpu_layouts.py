@@ -1,26 +1,28 @@
-"""The layout equivalence of tests/dist on GPUs: NCCL, bf16 and TransformerEngine's spec.
+"""The layout equivalence of tests/dist on GPUs: NCCL, bf16 and TransformerEngine's spec (megatron's local
+spec on a machine without TE: ramp_run.cuda_sets).
 
 Skipped without CUDA. Each layout needs as many GPUs as processes; on a one-GPU machine only the
 single-process resume runs. As on CPU, a one-GPU reference trains 5 steps and checkpoints at step 2; each
 layout loads that checkpoint with its optimizer state (Adam, or the distributed optimizer's shards
 resharded over DP) and must train steps 3-5 with the reference's loss and grad norm.
 
-Tolerances (bf16 weights and matmuls, fp32 gradients, Adam state and loss): bf16 keeps 8 significant
-bits (relative 2^-8 = 3.9e-3 per element). A layout reorders bf16 sums (TP splits matmuls, DP and EP
-split the batch), which moves each logit by a few ulp; the loss is a fp32 mean over 1,024 tokens of
-~8.3 nats, so reordering noise stays near 1e-3 after three steps: LOSS_ATOL = 5e-3 (was 2e-2). The grad
-norm is the check that catches gradient averaging: Adam is nearly invariant to a constant gradient
-scale, so a reduction that sums instead of averaging over DP=2 leaves the loss almost unchanged but
-doubles the norm, and a skipped reduction leaves each rank with a half-batch gradient whose norm differs
-from the full batch's by its sampling noise (tens of percent on 8 sequences): GNORM_RTOL = 2e-2. Both
-are reasoned, not yet measured on a GPU.
+Tolerances, from a measurement (one H200, torch 2.11, megatron-core 0.16.1, local spec: TE was not
+installed; 2026-11-29): the GPU run is not deterministic. Two uninterrupted runs of the same seed and data
+differed by 2.8e-4 in the loss of step 1, before any update (the local MoE's scatter-adds use atomics),
+by up to 2.9e-3 over steps 3-5, and by up to 1.7% in the grad norm; a distributed-optimizer resume
+differed from its reference by 1.6e-3 and 1.0%, while a plain-Adam resume matched bitwise. One resume of
+this test failed at step 3 under the earlier LOSS_ATOL = 5e-3 (a tolerance reasoned from bf16 rounding
+alone, before a GPU ran). Now LOSS_ATOL = 2e-2 and GNORM_RTOL = 5e-2: several times the measured noise,
+and still far below what a wrong reduction does (summing over DP=2 instead of averaging doubles the grad
+norm; a skipped reduction leaves a half-batch gradient, tens of percent off on 8 sequences). The
+layouts of more than one GPU are unmeasured (one GPU was lent).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ramp_run import assert_continues, run_ramp, step_checkpoint
+from ramp_run import assert_continues, cuda_sets, run_ramp, step_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,9 +31,9 @@ pytestmark = [
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 STEPS, RESUME_AT = 5, 2
-LOSS_ATOL = 5e-3
-GNORM_RTOL = 2e-2
-CUDA = ["training.device=cuda", "training.precision=bf16"]
+LOSS_ATOL = 2e-2
+GNORM_RTOL = 5e-2
+CUDA = cuda_sets() if GPUS else []
 
 
 def _reference(distopt: bool, tmp_path_factory):
