@@ -84,6 +84,16 @@ def set_cuda_env(environ: dict[str, str]) -> dict[str, str]:
     return added
 
 
+def set_cuda_env_here() -> dict[str, str]:
+    """This process's :data:`CUDA_ENV` on a machine with CUDA (none elsewhere); call it first thing, before
+    anything (TransformerEngine's import included) starts CUDA. Children started later inherit it."""
+    import os
+
+    import torch
+
+    return set_cuda_env(os.environ) if torch.cuda.is_available() else {}
+
+
 # -- what this machine can run ------------------------------------------------------------------------------
 
 

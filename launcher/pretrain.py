@@ -85,10 +85,9 @@ def gpu_plan(args: argparse.Namespace, r, d, env: layout.Env):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():  # before anything (TransformerEngine's import included) starts CUDA
-        from launcher import gpu
+    from launcher import gpu
 
-        gpu.set_cuda_env(os.environ)
+    gpu.set_cuda_env_here()
     try:
         p = plan(args)
         r, d, env, schedule, table = p.recipe, p.derived, p.env, p.schedule, p.table

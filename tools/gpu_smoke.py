@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher import gpu
 
     extra = tuple(args.set)
-    gpu.set_cuda_env(os.environ)  # a real run's CUDA environment, set before CUDA starts (slices inherit it)
+    gpu.set_cuda_env_here()  # a real run's CUDA environment, set before CUDA starts (slices inherit it)
     if not torch.cuda.is_available():
         print(
             "gpu_smoke: error: no CUDA device visible (torch.cuda.is_available() is False)", file=sys.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -133,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher import gpu, layout
     from launcher.laws.memory import loss_saved_bytes
 
-    if torch.cuda.is_available():  # a real run's CUDA environment (allocator settings), before CUDA starts
-        gpu.set_cuda_env(os.environ)
+    gpu.set_cuda_env_here()  # a real run's CUDA environment (allocator settings), before CUDA starts
     r, d, trainer, plan = build(args.recipe, [*QUIET, *args.set])
     try:
         measured = measure(trainer)

@@ -259,3 +259,44 @@ def test_local_spec_softmax_fusion_needs_apex_kernels(monkeypatch):
     assert gpu.resolve(r, "cuda", probe=False).settings["masked_softmax_fusion"] is True  # planned elsewhere
     monkeypatch.setattr(gpu, "have_apex_softmax_kernels", lambda: True)
     assert gpu.resolve(r, "cuda", probe=True).settings["masked_softmax_fusion"] is True
+
+
+def test_gpu_smoke_overrides_reach_every_slice_and_the_slice_keys_win():
+    """``--set`` applies to every slice (how a machine without TE ran it: the local spec), before the keys
+    that cut the recipe to one GPU, which must still hold."""
+    from tools import gpu_smoke
+
+    extra = ("gpu.transformer_engine=local", "recompute.granularity=none", "parallel.ep=8")
+    cut = recipe.load("moe-7b-a1b", gpu_smoke.slice_sets("moe-7b-a1b", 2, extra=extra))
+    assert cut.gpu.transformer_engine == "local"
+    assert cut.recompute.granularity == "none"
+    assert (cut.parallel.ep, cut.model.num_experts, cut.training.micro_batch_size) == (1, 8, 2)
+
+
+def test_gpu_smoke_names_a_synchronising_line_by_its_file():
+    from tools import gpu_smoke
+
+    assert gpu_smoke._where(str(ROOT / "launcher" / "trainer.py"), 431) == "launcher/trainer.py:431"
+    site = "/opt/venv/lib/python3.12/site-packages/megatron/core/utils.py"
+    assert gpu_smoke._where(site, 1206) == "megatron/core/utils.py:1206"
+
+
+def test_cuda_env_is_set_only_with_cuda_and_never_over_the_users(monkeypatch):
+    import os
+
+    import torch
+
+    from launcher import gpu
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    for key in gpu.CUDA_ENV:
+        if key != "PYTORCH_CUDA_ALLOC_CONF":
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.set_cuda_env_here() == {}
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    added = gpu.set_cuda_env_here()
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in added
