@@ -86,7 +86,9 @@ def set_cuda_env(environ: dict[str, str]) -> dict[str, str]:
 
 def set_cuda_env_here() -> dict[str, str]:
     """This process's :data:`CUDA_ENV` on a machine with CUDA (none elsewhere); call it first thing, before
-    anything (TransformerEngine's import included) starts CUDA. Children started later inherit it."""
+    a CUDA context, the caching allocator or NCCL starts (TransformerEngine's import can start them):
+    those read these variables (asking whether CUDA is there initialises only the driver). Children started
+    later inherit it."""
     import os
 
     import torch

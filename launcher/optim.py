@@ -68,3 +68,25 @@ def group_lrs(optimizer) -> dict[str, float]:
         mult = float(group.get("lr_mult", 1.0))
         out["lr" if mult == 1.0 else f"lr/x{mult:g}"] = float(group["lr"])
     return out
+
+
+def step_with_grad_norm(optimizer, grad_norm: float) -> bool:
+    """megatron's ``optimizer.step()`` after ``prepare_grads()``, with the global gradient norm already known
+    (the bad-step guard's): clip every sub-optimizer's gradients by that norm, as megatron's step does with
+    the norm it would compute again, then update. One norm per step instead of two: a pass over the
+    gradients, a model-parallel all-reduce and a host read fewer. Returns megatron's success flag."""
+    from megatron.core.optimizer import clip_grads
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        config = sub.config
+        if getattr(sub, "is_stub_optimizer", False) or config.clip_grad <= 0.0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return optimizer.step_with_ready_grads()

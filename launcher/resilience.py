@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from launcher.errors import RampError
 from launcher.laws import bad_steps
+from launcher.optim import step_with_grad_norm
 
 
 class RunStopped(RuntimeError):
@@ -146,9 +147,10 @@ class BadStepGuard:
 
     def step(self, optimizer, read_loss: Callable[[], float], state) -> tuple[bool, float | None]:
         """Step ``optimizer`` unless the loss or the global grad norm is non-finite. Returns
-        (updated, grad_norm). The norm check costs one extra norm reduction per step. The loss is read
-        (``read_loss``) after the norm: megatron's norm already waits for the device (``.item()``), so
-        reading the loss, reduced before it, waits for nothing more."""
+        (updated, grad_norm). The norm computed here is the one the update clips by
+        (:func:`launcher.optim.step_with_grad_norm`): one norm per step, as in megatron's own step. The
+        loss is read (``read_loss``) after the norm: megatron's norm already waits for the device
+        (``.item()``), so reading the loss, reduced before it, waits for nothing more."""
         counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
         optimizer.prepare_grads()
         norm = optimizer.get_grad_norm()
@@ -158,10 +160,9 @@ class BadStepGuard:
             norm = None  # the loss names the step's fault; its norm is not reported
         step_no = state.step + 1
         if norm is not None and math.isfinite(norm) and math.isfinite(loss):
-            ok, grad_norm, _ = optimizer.step()
-            require_ok(ok, step_no)
+            require_ok(step_with_grad_norm(optimizer, norm), step_no)
             counts["in_a_row"] = 0
-            return True, float(grad_norm) if grad_norm is not None else norm
+            return True, norm
         if counts["in_a_row"] == 0:
             counts["from"] = state.consumed_samples  # where the bad run's samples start
         counts["total"] += 1

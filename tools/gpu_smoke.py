@@ -9,7 +9,7 @@ Prints torch/CUDA/TE versions and megatron's ``HAVE_TE``, then for a one-GPU sli
 tokens per GPU as the full layout's balanced EP; one pipeline stage's layers; the distributed optimizer
 on one rank): the classes built, peak memory against laws/memory.py's prediction, step time and MFU, and
 the synchronising calls of one step under ``torch.cuda.set_sync_debug_mode("warn")``, counted by the
-Python line that made them. Each slice runs in
+Python line that made them and the line of ramp's code that led there. Each slice runs in
 its own process (an OOM loses one row, not the run). Writes benchmarks/results/gpu_smoke.json. Without
 CUDA it stops at once with one line.
 """
@@ -136,12 +136,42 @@ RAMP_PACKAGES = ("launcher/", "tools/", "patches/")
 
 
 def _where(filename: str, lineno: int) -> str:
-    """A warning's Python frame (the line that called the synchronising op), relative to this checkout or
-    to site-packages."""
+    """A source line, named relative to site-packages (an installed library) or to this checkout."""
+    if "site-packages/" in filename:
+        return f"{filename.rsplit('site-packages/', 1)[-1]}:{lineno}"
     path = Path(filename)
     if path.is_relative_to(ROOT):
         return f"{path.relative_to(ROOT)}:{lineno}"
-    return f"{filename.rsplit('site-packages/', 1)[-1]}:{lineno}"
+    return f"{filename}:{lineno}"
+
+
+def sync_sites(step) -> Counter:
+    """Run ``step()`` under ``torch.cuda.set_sync_debug_mode("warn")``; count its synchronising calls by
+    ``"line <- ramp's line"``: the Python line that made the call (torch's warning names it) and the
+    innermost line of ramp's own code on the stack above it (so a megatron call that ramp makes is
+    charged to ramp's line)."""
+    import traceback
+
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return
+        frames = [(f.filename, f.lineno) for f in traceback.extract_stack()]
+        inner = max((i for i, f in enumerate(frames) if f == (filename, lineno)), default=len(frames) - 1)
+        callers = (_where(*f) for f in reversed(frames[: inner + 1]))
+        ramp = next((w for w in callers if w.startswith(RAMP_PACKAGES)), "?")
+        sites[f"{_where(filename, lineno)} <- {ramp}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
 
 
 def run_slice(name: str, steps: int, micro_batch: int, extra: tuple[str, ...] = ()) -> dict:
@@ -162,14 +192,7 @@ def run_slice(name: str, steps: int, micro_batch: int, extra: tuple[str, ...] = 
         step_time = (time.perf_counter() - t0) / steps
         peak = torch.cuda.max_memory_allocated()
         reserved = torch.cuda.max_memory_reserved()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                trainer.train_step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        sites = Counter(_where(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message))
+        sites = sync_sites(trainer.train_step)
     finally:
         layout.shutdown()
     stage = plan.stages[0]

@@ -1,5 +1,5 @@
 """The optimizer that trains: every param group's LR, weight decay and eps, read off the built megatron
-optimizer, and the decay a step actually applies to the tensors.
+optimizer, the decay a step actually applies to the tensors, and the gradient clipping it updates with.
 
 megatron-core writes ``weight_decay`` into its param groups only inside its ``OptimizerParamScheduler``, which
 ramp replaces; without ramp setting it, torch's AdamW decays every group with the constructor's value (norms
@@ -34,6 +34,7 @@ import pytest
 from ramp_run import ROOT, TINY, ramp_env
 
 LR, WD, EPS = 1e-3, 0.1, 1e-8
+CLIP = 1e-3  # far below the first step's gradient norm: every gradient is scaled down
 SETS = [
     *TINY,
     "model.hidden_size=128",
@@ -91,9 +92,37 @@ def _probe(work: str, out: str) -> None:
             after = {n: p.detach().clone() for n, p in chunk.named_parameters()}
         return groups, before, after
 
+    def one_clipped_step() -> dict:
+        """Count megatron's global-norm computations in one step and read the gradients it updated with."""
+        from megatron.core.optimizer import optimizer as megatron_optimizer
+
+        real, calls = megatron_optimizer.get_grad_norm_fp32, []
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        with trainer_for([*SETS, f"optimizer.clip_grad={CLIP}"], Path(work) / "clip") as trainer:
+            trainer.emit("on_step_start")
+            megatron_optimizer.get_grad_norm_fp32 = counting
+            try:
+                reported = trainer.train_step()["grad_norm"]
+                in_a_step = len(calls)
+                after = float(trainer.optimizer.get_grad_norm())  # the gradients as clipped for the update
+                in_one_norm = len(calls) - in_a_step  # one per sub-optimizer here (dense, experts)
+            finally:
+                megatron_optimizer.get_grad_norm_fp32 = real
+        return {
+            "norm_calls_in_a_step": in_a_step,
+            "norm_calls_in_one_norm": in_one_norm,
+            "reported": reported,
+            "after_clipping": after,
+        }
+
     groups, w0, decayed = one_step(WD)
     _, w0_again, undecayed = one_step(0.0)
     res: dict = {"groups": {n: {**v, "group": group_of(n)} for n, v in groups.items()}, "decay": {}}
+    res["clip"] = one_clipped_step()
     for name in w0:
         assert torch.equal(w0[name], w0_again[name]), f"{name}: the two runs start from different weights"
         diff = (undecayed[name] - decayed[name]).double()  # = lr x wd x W0 exactly, up to rounding
@@ -149,6 +178,20 @@ def test_a_step_decays_matrices_by_their_group_and_never_norm_gains(probe):
         else:
             assert not d["identical"], f"{name}: weight decay did nothing"
             assert d["lr_wd"] == pytest.approx(LR * lr_mult * wd, rel=1e-3), f"{name}: lr x wd applied"
+
+
+def test_one_gradient_norm_per_step_and_the_update_clipped_by_it(probe):
+    """The bad-step guard's norm is the one the update clips by: megatron computes the global norm once per
+    step (it was twice: the guard's, then the optimizer step's own), and the gradients the update used have
+    the norm ``optimizer.clip_grad`` x norm / (norm + 1e-6) (megatron scales them by clip / (norm + 1e-6))."""
+    clip = probe["clip"]
+    assert clip["norm_calls_in_one_norm"] >= 1
+    assert clip["norm_calls_in_a_step"] == clip["norm_calls_in_one_norm"]
+    norm = clip["reported"]  # the norm before clipping is what the step reports
+    assert norm > 10 * CLIP
+    # 1.2e-5 below that here, the same to the last digit as with megatron's own optimizer.step() (compared
+    # by hand when the guard's norm replaced the step's); 1e-4 still fails an unclipped or twice-clipped step
+    assert clip["after_clipping"] == pytest.approx(CLIP * norm / (norm + 1e-6), rel=1e-4)
 
 
 if __name__ == "__main__":  # the probe, in its own process

@@ -10,10 +10,11 @@ the memory model leaves to cluster.runtime_reserve_gb but torch's caching alloca
 
 Measured on one H200 (torch 2.11, megatron-core 0.16.1, local spec: TE not installed; 2026-11-29): the
 classes, parameters, gradient buffers and Adam state as predicted (exact), saved activations 68.7 MB
-against 72.5 MB predicted (-5%), peak allocated 265.6 MB against 165.5 MB: 67.6 MB of it was cuBLAS's
-workspaces (one bf16 matmul's forward and backward alone allocate 33.7 and 67.6 MB: 32 MiB per handle,
-and autograd's backward thread has its own), the rest (198 MB, +20%) within the 30%. The test as written
-now was not run on that GPU; with TE the classes and savings differ and stay unmeasured.
+against 72.5 MB predicted (-5%), peak allocated 265.6 MB against 165.5 MB (+60%): 67.1 MB of it was
+cuBLAS's workspaces (in a separate process one small bf16 matmul's forward and backward peaked at 33.7 and
+67.6 MB, 32 MiB per handle plus the matmul's tensors; autograd's backward thread has its own handle), the
+rest (198.5 MB, +20%: the model under-predicts this tiny step's transients) within the 30%. The test as
+written now was not run on that GPU; with TE the classes and savings differ and stay unmeasured.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ import pytest
 import torch
 from ramp_run import LOCAL_CLASSES, ROOT, TE_CLASSES, cuda_sets
 
-#: torch's cuBLAS workspaces on Hopper (32 MiB per handle: the forward's and autograd's backward thread's),
-#: in the caching allocator's peak but not in the model's tensors (measured, see above).
-CUBLAS_WORKSPACES = 2 * 32 * 2**20
+
+def cublas_workspaces() -> int:
+    """The cuBLAS workspaces of a training step, in the caching allocator's peak but not in the model's
+    tensors: one per handle, the forward's and autograd's backward thread's. Each is what
+    CUBLAS_WORKSPACE_CONFIG (":KiB:count" pairs) asks for, else torch's default: 32 MiB on Hopper (measured,
+    above); ":4096:2:16:8" elsewhere (torch's pre-Hopper default, not measured here)."""
+    import os
+
+    default = ":4096:8" if torch.cuda.get_device_capability() == (9, 0) else ":4096:2:16:8"
+    nums = [int(x) for x in (os.environ.get("CUBLAS_WORKSPACE_CONFIG") or default).split(":") if x]
+    return 2 * 1024 * sum(kib * count for kib, count in zip(nums[::2], nums[1::2]))
+
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,4 +66,4 @@ def test_te_modules_built_and_memory_model_holds():
     for key in ("params", "grads", "optimizer"):
         assert m[key] == pytest.approx(p[key], rel=0.01), key
     assert m["saved_activations"] == pytest.approx(p["saved_activations"], rel=0.15)
-    assert m["peak_allocated"] - CUBLAS_WORKSPACES == pytest.approx(p["peak_allocated"], rel=0.30)
+    assert m["peak_allocated"] - cublas_workspaces() == pytest.approx(p["peak_allocated"], rel=0.30)

@@ -279,6 +279,27 @@ def test_gpu_smoke_names_a_synchronising_line_by_its_file():
     assert gpu_smoke._where(str(ROOT / "launcher" / "trainer.py"), 431) == "launcher/trainer.py:431"
     site = "/opt/venv/lib/python3.12/site-packages/megatron/core/utils.py"
     assert gpu_smoke._where(site, 1206) == "megatron/core/utils.py:1206"
+    in_tree = str(ROOT / ".venv/lib/python3.11/site-packages/megatron/core/utils.py")  # a venv in the tree
+    assert gpu_smoke._where(in_tree, 7) == "megatron/core/utils.py:7"
+
+
+def test_gpu_smoke_charges_a_synchronising_call_to_the_ramp_line_above_it(monkeypatch):
+    """torch names the line that made the call (a library's, here); the count also names the line of ramp's
+    code that called into the library, so a sync that ramp causes inside megatron is not megatron's alone."""
+    import torch
+
+    from tools import gpu_smoke
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)  # CPU: warn by hand below
+    library: dict = {}
+    source = "import warnings\ndef read():\n    warnings.warn('called a synchronizing CUDA operation')\n"
+    exec(compile(source, "/venv/lib/python3.12/site-packages/megatron/core/utils.py", "exec"), library)
+    ramp = {"read": library["read"]}
+    exec(compile("def step():\n    read()\n    read()\n", str(ROOT / "launcher" / "fake.py"), "exec"), ramp)
+    assert gpu_smoke.sync_sites(ramp["step"]) == {
+        "megatron/core/utils.py:3 <- launcher/fake.py:2": 1,
+        "megatron/core/utils.py:3 <- launcher/fake.py:3": 1,
+    }
 
 
 def test_cuda_env_is_set_only_with_cuda_and_never_over_the_users(monkeypatch):
@@ -288,13 +309,10 @@ def test_cuda_env_is_set_only_with_cuda_and_never_over_the_users(monkeypatch):
 
     from launcher import gpu
 
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
-    for key in gpu.CUDA_ENV:
-        if key != "PYTORCH_CUDA_ALLOC_CONF":
-            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(os, "environ", {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.set_cuda_env_here() == {}
-    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    assert os.environ == {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     added = gpu.set_cuda_env_here()
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
