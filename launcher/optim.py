@@ -70,6 +70,7 @@ def group_lrs(optimizer) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
 def step_with_grad_norm(optimizer, grad_norm: float) -> bool:
     """megatron's ``optimizer.step()`` after ``prepare_grads()``, with the global gradient norm already known
     (the bad-step guard's): clip every sub-optimizer's gradients by that norm, as megatron's step does with

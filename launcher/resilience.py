@@ -152,9 +152,11 @@ class BadStepGuard:
         loss is read (``read_loss``) after the norm: megatron's norm already waits for the device
         (``.item()``), so reading the loss, reduced before it, waits for nothing more."""
         counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
-        optimizer.prepare_grads()
-        norm = optimizer.get_grad_norm()
-        norm = float(norm) if norm is not None else None
+        if optimizer.prepare_grads():  # megatron's overflow flag (fp16 loss scaling; bf16/fp32 never set it)
+            norm = math.inf
+        else:
+            norm = optimizer.get_grad_norm()
+            norm = float(norm) if norm is not None else None
         loss = read_loss()
         if not math.isfinite(loss):
             norm = None  # the loss names the step's fault; its norm is not reported
@@ -223,7 +225,7 @@ def _windows(state) -> list[list[int]]:
 
 
 def require_ok(ok: bool, step_no: int) -> None:
-    if not ok:  # megatron found inf/nan itself (fp16 loss scaling); our check ran first, so say so
+    if not ok:  # megatron refused an update that ramp's finite checks let through: say so
         raise RunStopped(f"step {step_no}: the optimizer refused the update after ramp's finite check")
 
 

@@ -128,8 +128,12 @@ def assert_continues(
     gnorm, ref_gnorm = run.series("grad_norm"), ref.series("grad_norm")
     assert sorted(loss) == list(range(first, last + 1)), "did not resume at the checkpoint"
     for step in loss:
-        assert loss[step] == pytest.approx(ref_loss[step], abs=loss_atol), f"loss at step {step}"
-        assert gnorm[step] == pytest.approx(ref_gnorm[step], rel=gnorm_rtol), f"grad norm at step {step}"
+        assert loss[step] == pytest.approx(ref_loss[step], abs=loss_atol), (
+            f"loss at step {step}: {loss[step]!r} against {ref_loss[step]!r} (atol {loss_atol})"
+        )
+        assert gnorm[step] == pytest.approx(ref_gnorm[step], rel=gnorm_rtol), (
+            f"grad norm at step {step}: {gnorm[step]!r} against {ref_gnorm[step]!r} (rtol {gnorm_rtol})"
+        )
 
 
 def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:

@@ -145,21 +145,21 @@ def _where(filename: str, lineno: int) -> str:
     return f"{filename}:{lineno}"
 
 
-def sync_sites(step) -> Counter:
+def sync_sites(step, match: str = "synchronizing") -> Counter:
     """Run ``step()`` under ``torch.cuda.set_sync_debug_mode("warn")``; count its synchronising calls by
     ``"line <- ramp's line"``: the Python line that made the call (torch's warning names it) and the
     innermost line of ramp's own code on the stack above it (so a megatron call that ramp makes is
-    charged to ramp's line)."""
+    charged to ramp's line; ``?`` where none is found). ``match``: the warnings counted."""
     import traceback
 
     sites: Counter = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchronizing" not in str(message):
+        if match not in str(message):
             return
         frames = [(f.filename, f.lineno) for f in traceback.extract_stack()]
-        inner = max((i for i, f in enumerate(frames) if f == (filename, lineno)), default=len(frames) - 1)
-        callers = (_where(*f) for f in reversed(frames[: inner + 1]))
+        own = [i for i, f in enumerate(frames) if f == (filename, lineno)]  # the warning's frame, innermost
+        callers = (_where(*f) for f in reversed(frames[: own[-1] + 1])) if own else iter(())
         ramp = next((w for w in callers if w.startswith(RAMP_PACKAGES)), "?")
         sites[f"{_where(filename, lineno)} <- {ramp}"] += 1
 

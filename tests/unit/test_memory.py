@@ -300,6 +300,12 @@ def test_gpu_smoke_charges_a_synchronising_call_to_the_ramp_line_above_it(monkey
         "megatron/core/utils.py:3 <- launcher/fake.py:2": 1,
         "megatron/core/utils.py:3 <- launcher/fake.py:3": 1,
     }
+    # torch's own warnings come from C++ (TORCH_WARN), as the sync-debug ones do: the line that called in
+    ramp = {"torch": torch}
+    exec(
+        compile("def step():\n    torch.tensor(torch.tensor(1.0))\n", str(ROOT / "tools/x.py"), "exec"), ramp
+    )
+    assert gpu_smoke.sync_sites(ramp["step"], match="copy construct") == {"tools/x.py:2 <- tools/x.py:2": 1}
 
 
 def test_cuda_env_is_set_only_with_cuda_and_never_over_the_users(monkeypatch):

@@ -269,3 +269,32 @@ def test_beaters_started_long_before_the_store_beat_as_soon_as_it_is_up(tmp_path
     finally:
         ranks.kill()
         ranks.wait()
+
+
+def test_an_overflow_megatron_finds_skips_the_update_without_a_norm(pg):
+    """megatron's ``prepare_grads`` flags inf/nan itself under fp16 loss scaling: the guard takes that as a
+    bad step (no norm computed, no update), as megatron's own step does."""
+    from launcher.trainer import TrainState
+
+    class Overflowing:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def prepare_grads(self) -> bool:
+            self.calls.append("prepare_grads")
+            return True
+
+        def get_grad_norm(self):
+            self.calls.append("get_grad_norm")
+            return 1.0
+
+        def step_with_ready_grads(self) -> bool:
+            self.calls.append("step_with_ready_grads")
+            return True
+
+    state = TrainState(global_batch_size=8)
+    guard = resilience.BadStepGuard(max_in_a_row=3)
+    opt = Overflowing()
+    assert guard.step(opt, lambda: 2.0, state) == (False, float("inf"))
+    assert opt.calls == ["prepare_grads"]
+    assert state.extra["bad_steps"]["total"] == 1
