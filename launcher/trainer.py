@@ -52,6 +52,17 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: The names megatron's router records its losses under (``moe_router_load_balancing_type="aux_loss"``).
+LOAD_BALANCING_LOSS, Z_LOSS = "load_balancing_loss", "z_loss"
+
+
+def moe_loss_names(m) -> list[str]:
+    """The MoE losses megatron's router records for this model in a training step: the load-balancing
+    loss when its coefficient is positive, the z-loss when it has a coefficient."""
+    on = {LOAD_BALANCING_LOSS: m.moe_aux_loss_coeff > 0, Z_LOSS: m.moe_z_loss_coeff is not None}
+    return [name for name, used in on.items() if used]
+
+
 #: Key marking a micro-batch whose loss is given NaN gradients (fault injection; not a data field).
 NAN_IN_BACKWARD = "nan_in_backward"
 
@@ -402,21 +413,31 @@ class Trainer:
         return {
             "loss": lm + sum(aux.values()),
             "lm_loss": lm,
-            "aux_loss": aux.get("load_balancing_loss", 0.0),
-            **({"z_loss": aux["z_loss"]} if "z_loss" in aux else {}),
+            "aux_loss": aux.get(LOAD_BALANCING_LOSS, 0.0),
+            **({"z_loss": aux[Z_LOSS]} if Z_LOSS in aux else {}),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": float(bool(ok)),
             **self.guard.metrics(self.state),
         }
 
     def _moe_aux_sums(self) -> dict[str, torch.Tensor]:
-        """This step's MoE loss sums over layers and micro-batches, reduced across ranks on the device."""
-        if not self.recipe.model.is_moe:
+        """This step's MoE loss sums over layers and micro-batches, reduced across ranks on the device.
+
+        megatron's reduction is a collective over the pipeline group, so every rank reduces the same
+        names: a stage without MoE layers (``first_k_dense`` covers it) records none, and gets megatron's
+        own zero entries for them first, as Megatron-LM's ``track_moe_metrics`` does (without them that
+        stage skipped the collective and the run hung in the next one)."""
+        m = self.recipe.model
+        if not m.is_moe:
             return {}
         from megatron.core.transformer.moe import moe_utils
 
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        names = sorted(tracker)
+        names = moe_loss_names(m)
+        for name in names:
+            if name not in tracker:  # zeros over every layer, as the router's first record makes them
+                zero = torch.zeros((), device=self.derived.device)
+                moe_utils.save_to_aux_losses_tracker(name, zero, layer_number=1, num_layers=m.num_layers)
         moe_utils.reduce_aux_losses_tracker_across_ranks(names)
         sums = {name: tracker[name]["values"].sum() for name in names}
         moe_utils.clear_aux_losses_tracker()
@@ -426,7 +447,7 @@ class Trainer:
         """MoE losses as added to the objective (with coefficients), mean over layers and micro-batches."""
         m = self.recipe.model
         n_moe = m.num_layers - m.first_k_dense
-        coeff = {"load_balancing_loss": m.moe_aux_loss_coeff, "z_loss": m.moe_z_loss_coeff or 0.0}
+        coeff = {LOAD_BALANCING_LOSS: m.moe_aux_loss_coeff, Z_LOSS: m.moe_z_loss_coeff or 0.0}
         return {
             name: coeff.get(name, 1.0) * (float(s) / n_moe / num_microbatches) for name, s in sums.items()
         }
