@@ -116,6 +116,11 @@ class ModelConfig:
                 0 <= self.first_k_dense < self.num_layers,
                 f"model.first_k_dense={self.first_k_dense}: must be in 0..{self.num_layers - 1}",
             )
+            require(self.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff}: >= 0")
+            require(  # megatron records the z-loss divided by its coefficient: 0 would make every step NaN
+                self.moe_z_loss_coeff is None or self.moe_z_loss_coeff > 0,
+                f"model.moe_z_loss_coeff={self.moe_z_loss_coeff}: must be > 0 (null turns the z-loss off)",
+            )
         check_choices(self, "model")
 
     @property

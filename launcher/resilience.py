@@ -152,7 +152,9 @@ class BadStepGuard:
         loss is read (``read_loss``) after the norm: megatron's norm already waits for the device
         (``.item()``), so reading the loss, reduced before it, waits for nothing more."""
         counts = state.extra.setdefault("bad_steps", {"total": 0, "in_a_row": 0})
-        if optimizer.prepare_grads():  # megatron's overflow flag (fp16 loss scaling; bf16/fp32 never set it)
+        # megatron's overflow flag: fp16 loss scaling only, which ramp does not offer (bf16/fp32 never set
+        # it); an fp16 option would have to keep the loss scale's early back-off out of the bad-step counts
+        if optimizer.prepare_grads():
             norm = math.inf
         else:
             norm = optimizer.get_grad_norm()

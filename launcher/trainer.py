@@ -430,14 +430,20 @@ class Trainer:
         m = self.recipe.model
         if not m.is_moe:
             return {}
+        from megatron.core import parallel_state
         from megatron.core.transformer.moe import moe_utils
 
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         names = moe_loss_names(m)
+        # the groups the router records each loss with: the load-balancing loss is summed over TP x CP
+        # (then averaged over DP), the z-loss not reduced; a dense stage must reduce the same way
+        groups = {LOAD_BALANCING_LOSS: parallel_state.get_tensor_and_context_parallel_group()}
         for name in names:
             if name not in tracker:  # zeros over every layer, as the router's first record makes them
                 zero = torch.zeros((), device=self.derived.device)
-                moe_utils.save_to_aux_losses_tracker(name, zero, layer_number=1, num_layers=m.num_layers)
+                moe_utils.save_to_aux_losses_tracker(
+                    name, zero, layer_number=1, num_layers=m.num_layers, reduce_group=groups.get(name)
+                )
         moe_utils.reduce_aux_losses_tracker_across_ranks(names)
         sums = {name: tracker[name]["values"].sum() for name in names}
         moe_utils.clear_aux_losses_tracker()

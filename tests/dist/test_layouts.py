@@ -100,18 +100,25 @@ def test_pipeline_stages_draw_their_own_weights(tmp_path):
                 assert abs(corr) < 0.3, f"{name}: layers {a} and {b} drawn alike (correlation {corr:.3f})"
 
 
-def test_a_pipeline_stage_without_moe_layers_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize(
+    ("nproc", "layout"),
+    [(2, ["parallel.pp=2"]), (4, ["parallel.pp=2", "parallel.tp=2"])],
+    ids=["pp2", "pp2xtp2"],
+)
+def test_a_pipeline_stage_without_moe_layers_trains_like_one_process(nproc, layout, tmp_path):
     """PP2 over 4 layers with the first 2 dense: stage 0 holds no MoE layer, so megatron's router records no
     loss there, while the MoE-loss reduction is a collective over the pipeline group. Stage 0 skipped it
     and the run hung in the next collective (seen: stage 0 in the grad-norm all-reduce, stage 1 in the
-    MoE-loss one). Now both stages reduce the same names and the losses (MoE losses included) and grad
-    norms match one process resumed the same way."""
+    MoE-loss one). Now both stages reduce the same names, with the router's groups (under TP2 the
+    load-balancing loss is summed over the TP group: rank 0, on the dense stage, logged one TP rank's share
+    without them), and the losses (MoE losses included) and grad norms match one process resumed the same
+    way."""
     dense_first = ["model.first_k_dense=2"]
     sets = [*dense_first, "training.train_steps=4", "checkpoint.interval=2", "checkpoint.keep_last=5"]
     ref = run_ramp(tmp_path / "ref", sets).check()
-    extra = [*dense_first, "training.train_steps=4", "parallel.pp=2", "checkpoint.save_at_exit=false"]
+    extra = [*dense_first, *layout, "training.train_steps=4", "checkpoint.save_at_exit=false"]
     extra.append(f"checkpoint.load={step_checkpoint(ref, 2)}")
-    run = run_ramp(tmp_path / "pp2", extra, nproc=2, timeout=300).check()
+    run = run_ramp(tmp_path / "run", extra, nproc=nproc, timeout=300).check()
     assert_continues(run, ref, 3, 4)
     aux, ref_aux = run.series("aux_loss"), ref.series("aux_loss")
     assert all(aux[s] == pytest.approx(ref_aux[s], rel=1e-4) and aux[s] > 0 for s in (3, 4))

@@ -129,3 +129,14 @@ def test_empty_or_sectionless_recipe_is_refused(text, tmp_path, capsys):
     assert pretrain.main(["--recipe", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no sections" in err, err
+
+
+def test_a_zero_z_loss_coefficient_is_refused():
+    """megatron records the z-loss divided by its coefficient: 0 would make every step's loss NaN (each
+    skipped as bad until the run stops). null is how the z-loss is turned off; negative aux losses too."""
+    with pytest.raises(RampError, match=r"model\.moe_z_loss_coeff=0\.0: must be > 0 \(null turns"):
+        recipe.load("moe-tiny", ["model.moe_z_loss_coeff=0.0"])
+    with pytest.raises(RampError, match=r"model\.moe_aux_loss_coeff=-0\.1: >= 0"):
+        recipe.load("moe-tiny", ["model.moe_aux_loss_coeff=-0.1"])
+    assert recipe.load("moe-tiny", ["model.moe_z_loss_coeff=null"]).model.moe_z_loss_coeff is None
+    assert recipe.load("moe-tiny", ["model.moe_z_loss_coeff=1e-3"]).model.moe_z_loss_coeff == 1e-3
