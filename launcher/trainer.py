@@ -56,11 +56,12 @@ class TrainState:
 LOAD_BALANCING_LOSS, Z_LOSS = "load_balancing_loss", "z_loss"
 
 
-def moe_loss_names(m) -> list[str]:
-    """The MoE losses megatron's router records for this model in a training step: the load-balancing
-    loss when its coefficient is positive, the z-loss when it has a coefficient."""
-    on = {LOAD_BALANCING_LOSS: m.moe_aux_loss_coeff > 0, Z_LOSS: m.moe_z_loss_coeff is not None}
-    return [name for name, used in on.items() if used]
+def moe_loss_coeffs(m) -> dict[str, float]:
+    """The MoE losses megatron's router records for this model in a training step, with the coefficient
+    each enters the objective with: the load-balancing loss when its coefficient is positive, the z-loss
+    when it has a coefficient."""
+    coeffs = {LOAD_BALANCING_LOSS: m.moe_aux_loss_coeff, Z_LOSS: m.moe_z_loss_coeff}
+    return {name: c for name, c in coeffs.items() if c is not None and c > 0}
 
 
 #: Key marking a micro-batch whose loss is given NaN gradients (fault injection; not a data field).
@@ -434,15 +435,19 @@ class Trainer:
         from megatron.core.transformer.moe import moe_utils
 
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        names = moe_loss_names(m)
-        # the groups the router records each loss with: the load-balancing loss is summed over TP x CP
-        # (then averaged over DP), the z-loss not reduced; a dense stage must reduce the same way
-        groups = {LOAD_BALANCING_LOSS: parallel_state.get_tensor_and_context_parallel_group()}
+        names = list(moe_loss_coeffs(m))
         for name in names:
             if name not in tracker:  # zeros over every layer, as the router's first record makes them
+                # with the group the router records it with: the load-balancing loss is summed over
+                # TP x CP (then averaged over DP), the z-loss not reduced; a dense stage reduces the same
+                tp_cp = parallel_state.get_tensor_and_context_parallel_group()
                 zero = torch.zeros((), device=self.derived.device)
                 moe_utils.save_to_aux_losses_tracker(
-                    name, zero, layer_number=1, num_layers=m.num_layers, reduce_group=groups.get(name)
+                    name,
+                    zero,
+                    layer_number=1,
+                    num_layers=m.num_layers,
+                    reduce_group=tp_cp if name == LOAD_BALANCING_LOSS else None,
                 )
         moe_utils.reduce_aux_losses_tracker_across_ranks(names)
         sums = {name: tracker[name]["values"].sum() for name in names}
@@ -453,10 +458,8 @@ class Trainer:
         """MoE losses as added to the objective (with coefficients), mean over layers and micro-batches."""
         m = self.recipe.model
         n_moe = m.num_layers - m.first_k_dense
-        coeff = {LOAD_BALANCING_LOSS: m.moe_aux_loss_coeff, Z_LOSS: m.moe_z_loss_coeff or 0.0}
-        return {
-            name: coeff.get(name, 1.0) * (float(s) / n_moe / num_microbatches) for name, s in sums.items()
-        }
+        coeffs = moe_loss_coeffs(m)
+        return {name: coeffs[name] * (float(s) / n_moe / num_microbatches) for name, s in sums.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
